@@ -1,0 +1,18 @@
+"""Loss-weighting methods, one module each, behind :class:`~medmtl.weighting.base.LossWeighting`.
+
+``build_weighting(cfg, tasks)`` looks the config's ``method`` up in :data:`METHODS`.
+"""
+
+from medmtl.weighting.base import LossWeighting
+from medmtl.weighting.equal import EqualWeighting
+from medmtl.weighting.gradnorm import GradNorm
+
+METHODS: dict[str, type[LossWeighting]] = {"equal": EqualWeighting, "gradnorm": GradNorm}
+
+
+def build_weighting(cfg, tasks: tuple[str, ...]) -> LossWeighting:
+    """Instantiate the method named by ``cfg.method`` with its own config section."""
+    return METHODS[cfg.method](cfg=cfg, tasks=tasks)
+
+
+__all__ = ["METHODS", "LossWeighting", "build_weighting"]

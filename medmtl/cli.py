@@ -1,0 +1,157 @@
+"""The ``medmtl`` command line: thin argument parsing on top of the pipelines.
+
+Every subcommand validates its inputs before doing work and turns expected errors (bad config,
+missing folder, bad export) into one clear message and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def _config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", default=None if required else DEFAULT_CONFIG,
+                   help="experiment YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=50")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    ap = argparse.ArgumentParser(prog="medmtl", description="Joint CT and MRI segmentation: from scanner exports to a registered model.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write synthetic scanner exports (DICOM with fake patient data) and label masks")
+    p.add_argument("out_dir")
+    p.add_argument("--ct", type=int, default=10, help="number of CT patients")
+    p.add_argument("--mr", type=int, default=10, help="number of MR patients (a different set)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("ingest", help="scanner export -> pseudonymized NIfTI dataset + manifest + report")
+    p.add_argument("export_dir")
+    p.add_argument("--out", required=True, help="DATA_DIR to write")
+    p.add_argument("--labels", default=None, help="folder of <SeriesInstanceUID>.nii.gz masks (or a CSV series_uid,label_path)")
+    p.add_argument("--workers", type=int, default=None, help="header-reading threads")
+
+    p = sub.add_parser("plan", help="fingerprint DATA_DIR and write DATA_DIR/plan.json")
+    p.add_argument("data_dir")
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    cs = csub.add_parser("show", help="print the resolved configuration (defaults filled in, overrides applied)")
+    _config_args(cs)
+
+    p = sub.add_parser("train", help="train an experiment and track it in MLflow")
+    _config_args(p)
+    p.add_argument("--out", default="runs", help="folder for checkpoints")
+
+    p = sub.add_parser("register", help="register a run's model as a new version (alias challenger)")
+    p.add_argument("run_id")
+    p.add_argument("--name", default=None, help="registered model name (default: tracking.registered_model of the config)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+
+    p = sub.add_parser("predict", help="segment a NIfTI image with a logged or registered model")
+    p.add_argument("model_uri", help="e.g. models:/medmtl-demo@challenger or runs:/<run_id>/model")
+    p.add_argument("input", help="NIfTI image")
+    p.add_argument("--modality", required=True, choices=["CT", "MR", "ct", "mr"])
+    p.add_argument("--out", required=True, help="output label NIfTI")
+
+    p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate -> MLflow -> registered model, on a small CPU-sized dataset")
+    _config_args(p, required=False)
+    p.add_argument("--workdir", default="demo_data")
+    p.add_argument("--ct", type=int, default=10)
+    p.add_argument("--mr", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="delete the workdir first")
+    return ap
+
+
+def _run(args: argparse.Namespace) -> int:
+    from medmtl.config import config_to_yaml, load_config
+
+    if args.command == "synth":
+        from medmtl.data.synth import synthesize_exports
+
+        res = synthesize_exports(args.out_dir, n_ct=args.ct, n_mr=args.mr, seed=args.seed, progress=True)
+        n_img = sum(not s.is_localizer for s in res.series)
+        print(f"wrote {n_img} image series ({args.ct} CT, {args.mr} MR patients) to {res.export_dir}, labels in {res.labels_dir}")
+        return 0
+    if args.command == "ingest":
+        from medmtl.data.ingest import ingest
+
+        report = ingest(args.export_dir, args.out, labels_dir=args.labels, workers=args.workers, progress=True)
+        print(report.summary())
+        return 0
+    if args.command == "plan":
+        from pipelines.train import ensure_plan
+
+        path = Path(args.data_dir) / "plan.json"
+        if path.exists():
+            path.unlink()
+        print(f"wrote {ensure_plan(Path(args.data_dir))}")
+        return 0
+    if args.command == "config":
+        cfg = load_config(args.config, args.overrides)
+        sys.stdout.write(config_to_yaml(cfg))
+        return 0
+    if args.command == "train":
+        from pipelines.train import run_training
+
+        cfg = load_config(args.config, args.overrides)
+        res = run_training(cfg, out_dir=args.out)
+        print(f"run id: {res.run_id}")
+        for m, d in res.test_dice.items():
+            print(f"  {m.upper()}: " + "  ".join(f"{k} {v:.3f}" for k, v in d.items()))
+        return 0
+    if args.command == "register":
+        from medmtl.tracking.registry import register_run_model
+        from medmtl.tracking.store import resolve_tracking_uri
+
+        cfg = load_config(args.config)
+        uri, _ = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        v = register_run_model(tracking_uri=uri, run_id=args.run_id, name=args.name or cfg.tracking.registered_model)
+        print(f"registered {v.name} version {v.version} (alias challenger)")
+        return 0
+    if args.command == "predict":
+        import time
+
+        import mlflow
+        import pandas as pd
+
+        from medmtl.tracking.store import resolve_tracking_uri
+
+        t0 = time.perf_counter()
+        mlflow.set_tracking_uri(resolve_tracking_uri(None)[0])
+        model = mlflow.pyfunc.load_model(args.model_uri)
+        res = model.predict(pd.DataFrame([{"image": str(Path(args.input).resolve()), "modality": args.modality.upper(), "output": str(Path(args.out).resolve())}]))
+        print(res.to_string(index=False))
+        print(f"wrote {args.out} in {time.perf_counter() - t0:.1f} s")
+        return 0
+    if args.command == "demo":
+        from pipelines.demo import run_demo
+
+        cfg = load_config(args.config, args.overrides)
+        run_demo(cfg, workdir=args.workdir, n_ct=args.ct, n_mr=args.mr, seed=args.seed, fresh=args.fresh)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``medmtl`` console command."""
+    from medmtl.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, LookupError) as err:
+        print(f"medmtl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,792 @@
+"""DICOM series assembly: header scan, grouping, slice order, geometry, checks and pixel reading.
+
+Scanner exports are read the way the DICOM standard defines them, not the way folders look:
+
+* Files are read with ``stop_before_pixels=True`` first; a file is what its header says, whatever its name.
+* Slices are grouped by SeriesInstanceUID and split further when their geometry differs (orientation,
+  rows/columns, pixel spacing). When a split volume still has two slices at one position, it is split by
+  echo, temporal position, b-value, stack or acquisition number, whichever separates the duplicates.
+* Slices are sorted along the slice normal ``cross(row_dir, col_dir)`` by ImagePositionPatient, never by
+  InstanceNumber or file name, and the slice spacing comes from the positions, never from SliceThickness or
+  SpacingBetweenSlices.
+* Enhanced (multi-frame) CT and MR are expanded into one slice per frame from the per-frame functional
+  groups, then treated like classic series.
+
+Voxel order of the volumes built here (and of the NIfTI files that ingest writes): axis 0 is the column
+index (along a row, direction = first ImageOrientationPatient triplet), axis 1 the row index (second
+triplet), axis 2 the slices in ascending position along the normal. The affine maps voxel indices to RAS mm:
+``diag(-1, -1, 1, 1) @ [row_dir*dcol | col_dir*drow | normal*dslice | IPP_first]`` (DICOM is LPS).
+
+Checks, each reported by name, and what happens to the series:
+
+=====================  =========================================================================
+check                  outcome
+=====================  =========================================================================
+unsupported_modality   rejected: only CT and MR are ingested (CR, US, NM, RTDOSE ... are listed).
+multiple_patients      rejected: one SeriesInstanceUID carries several PatientIDs.
+mixed_frames_of_ref.   rejected (``mixed_frames_of_reference``): positions are not comparable.
+localizer              rejected: ImageType contains LOCALIZER/SCOUT, or the volume has 1-2 slices.
+too_few_slices         rejected: 3 or more slices but fewer than ``min_slices`` (an ingest option).
+missing_geometry       rejected: ImagePositionPatient, ImageOrientationPatient or PixelSpacing missing.
+invalid_orientation    rejected: ImageOrientationPatient is not two orthonormal vectors.
+unsupported_pixels     rejected: colour or multi-sample pixels, or an unknown bit depth.
+unsupported_compression rejected: no installed decoder for the transfer syntax (the detail names it).
+duplicate_positions    rejected, unless the duplicates are the same SOP instance exported twice (then
+                       the copies are dropped with the warning ``duplicate_files``) or another header
+                       (echo, temporal position, b-value, stack, acquisition) separates them.
+missing_slices         rejected: a step between neighbouring slices is more than 1.5x the median step
+                       (a missing slice or a gap); interpolating across it would invent anatomy.
+mixed_orientations     corrected (warning): one UID with several orientations/grids is split into
+                       several series (``series_key-1``, ``-2`` ...), each checked on its own.
+gantry_tilt            corrected (warning): the positions are sheared against the slice normal; each
+                       slice is shifted in-plane (linear interpolation) onto an orthogonal grid, as
+                       dcm2niix does; the detail gives the angle.
+non_uniform_spacing    corrected (warning): positions deviate from a uniform grid by more than
+                       max(1% of the slice spacing, 0.01 mm); the volume is resampled linearly along
+                       the normal to the median step.
+=====================  =========================================================================
+
+Within tolerance, the slice spacing is ``(last - first) / (n - 1)`` along the normal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+log = logging.getLogger(__name__)
+
+# SOP classes handled specially (values from DICOM PS3.4).
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SUPPORTED_MODALITIES = ("CT", "MR")
+
+LOCALIZER_IMAGE_TYPES = ("LOCALIZER", "SCOUT")
+# Orientation vectors closer than this (per component) are the same orientation.
+ORIENTATION_TOL = 1e-3
+# In-plane offset, in voxels, above which slices count as sheared (gantry tilt).
+TILT_TOL_VOXELS = 0.01
+# Two slices closer than this along the normal share a position.
+DUPLICATE_TOL_MM = 1e-3
+# A step more than this times the median step is a missing slice or gap.
+GAP_FACTOR = 1.5
+# Uniform grid tolerance on positions: max(NON_UNIFORM_REL_TOL * step, NON_UNIFORM_ABS_TOL_MM).
+NON_UNIFORM_REL_TOL = 0.01
+NON_UNIFORM_ABS_TOL_MM = 0.01
+# Headers that may separate duplicate positions within one geometric series, in the order tried.
+SPLIT_KEYS = ("echo", "temporal", "bvalue", "stack", "acquisition", "image_type")
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """Everything ingest needs from one slice (one file, or one frame of a multi-frame file).
+
+    Holds source identifiers (``patient_id``, UIDs) in memory only: they are pseudonymized before anything
+    is written or logged.
+    """
+
+    path: str
+    frame: int | None
+    sop_instance_uid: str
+    series_uid: str
+    patient_id: str
+    study_uid: str
+    frame_of_reference_uid: str
+    modality: str
+    sop_class_uid: str
+    transfer_syntax: str
+    image_type: tuple[str, ...]
+    rows: int
+    cols: int
+    pixel_spacing: tuple[float, float] | None  # (between rows, between columns), mm
+    iop: tuple[float, ...] | None
+    ipp: tuple[float, float, float] | None
+    slope: float
+    intercept: float
+    rwv: tuple[float, float] | None  # real-world value mapping (slope, intercept)
+    samples_per_pixel: int
+    photometric: str
+    bits_allocated: int
+    split_values: tuple  # values of SPLIT_KEYS, same order
+    file_size: int
+    file_mtime_ns: int
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that is not part of any image series, and why (``reason`` is a short name)."""
+
+    path: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class SeriesCandidate:
+    """Slices of one SeriesInstanceUID that share one geometry (``part`` of ``n_parts``, 1-based)."""
+
+    series_uid: str
+    slices: list[SliceHeader]
+    part: int = 1
+    n_parts: int = 1
+    warnings: list[str] = field(default_factory=list)
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SeriesPlan:
+    """Outcome of the checks on one candidate, and how to build its volume when accepted.
+
+    Attributes:
+        slices: slices sorted along the normal.
+        reasons: names of the checks that reject the series (empty when accepted).
+        warnings: names of the checks that corrected or flagged it.
+        details: one human sentence per reason/warning name (no PHI).
+        affine: RAS affine of the output grid (4x4), ``None`` when rejected before geometry.
+        shape: output grid ``(x, y, z)``.
+        source_affine: sheared affine of the un-corrected grid for gantry-tilted series, else ``None``.
+        inplane_shift: per slice ``(axis0, axis1)`` shift in voxels that removes the tilt, or ``None``.
+        positions: slice positions along the normal relative to the first slice (mm).
+        target_positions: resampling targets along the normal when spacing was corrected, else ``None``.
+    """
+
+    candidate: SeriesCandidate
+    modality: str
+    slices: list[SliceHeader]
+    reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    details: dict[str, str] = field(default_factory=dict)
+    affine: np.ndarray | None = None
+    shape: tuple[int, int, int] | None = None
+    source_affine: np.ndarray | None = None
+    inplane_shift: np.ndarray | None = None
+    positions: np.ndarray | None = None
+    target_positions: np.ndarray | None = None
+
+    @property
+    def accepted(self) -> bool:
+        """True when no check rejected the series."""
+        return not self.reasons
+
+    @property
+    def spacing(self) -> tuple[float, float, float] | None:
+        """Voxel size in mm along the three output axes."""
+        if self.affine is None:
+            return None
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    def reject(self, name: str, detail: str) -> None:
+        """Record a rejecting check."""
+        self.reasons.append(name)
+        self.details[name] = detail
+
+    def warn(self, name: str, detail: str) -> None:
+        """Record a correcting or flagging check."""
+        if name not in self.warnings:
+            self.warnings.append(name)
+        self.details[name] = detail
+
+
+class SeriesReadError(RuntimeError):
+    """Pixel data of one slice could not be read; ``reason`` is the check name for the report."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------------
+# header scan
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's value-validation warnings and log lines while ingest runs.
+
+    pydicom quotes offending element values in those messages (an invalid birth date, a malformed name),
+    which would put PHI into the user's log; the checks that matter are ingest's own.
+    """
+    cfg = pydicom.config.settings
+    old_mode = cfg.reading_validation_mode
+    pd_log = logging.getLogger("pydicom")
+    old_disabled = pd_log.disabled
+    cfg.reading_validation_mode = pydicom.config.IGNORE
+    pd_log.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+            yield
+    finally:
+        cfg.reading_validation_mode = old_mode
+        pd_log.disabled = old_disabled
+
+
+def scan_file(path: str) -> list[SliceHeader] | SkippedFile:
+    """Read one file's header (no pixel data) and return its slices, or why it is skipped.
+
+    Never raises for bad input: empty, non-DICOM, corrupt, truncated, DICOMDIR, SEG and non-image objects
+    (SR, RTSTRUCT, presentation states ...) come back as :class:`SkippedFile` with a reason name. The
+    returned ``SkippedFile.path`` is the absolute path; callers make it relative before reporting it.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return SkippedFile(path, "unreadable", f"cannot stat ({type(e).__name__})")
+    if st.st_size == 0:
+        return SkippedFile(path, "empty_file", "zero-length file")
+    try:
+        # Opened read-only; the export is never written.
+        with open(path, "rb") as f:
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except InvalidDicomError:
+                # No preamble: old ACR-NEMA style files still start with a group 0x0008 tag.
+                f.seek(0)
+                if f.read(2) not in (b"\x08\x00", b"\x02\x00"):
+                    return SkippedFile(path, "not_dicom", "no DICOM preamble or header")
+                f.seek(0)
+                ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+            pixel_offset = f.tell()
+    except PermissionError:
+        return SkippedFile(path, "unreadable", "permission denied; make the export readable by this user")
+    except Exception as e:  # pydicom raises many types on corrupt input; none may stop the ingest
+        # The exception message may quote element values (PHI), so only its type is reported.
+        return SkippedFile(path, "corrupt", f"header unreadable ({type(e).__name__})")
+    try:
+        return _slices_from_header(path, ds, st, pixel_offset)
+    except Exception as e:
+        return SkippedFile(path, "corrupt", f"malformed header ({type(e).__name__})")
+
+
+def _slices_from_header(path, ds, st, pixel_offset) -> list[SliceHeader] | SkippedFile:
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
+    if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        return SkippedFile(path, "dicomdir", "DICOMDIR index; the files it lists are found by walking the export")
+    sop_name = UID(sop_class).name if sop_class else "unknown SOP class"
+    if sop_class == SEGMENTATION_STORAGE:
+        return SkippedFile(path, "dicom_seg", "DICOM SEG object; SEG labels are not ingested yet, use NIfTI labels")
+    if "Rows" not in ds or "Columns" not in ds:
+        if "Image" in sop_name:
+            return SkippedFile(path, "no_pixel_data", f"{sop_name} without pixel data")
+        return SkippedFile(path, "non_image", sop_name)
+    tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta else ""
+    if not tsyntax:
+        tsyntax = "1.2.840.10008.1.2"  # no meta header: implicit VR little endian by definition
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    if _is_native(tsyntax) and "PixelData" not in ds:
+        expected = rows * cols * n_frames * spp * bits // 8
+        # stop_before_pixels leaves the file at the PixelData tag; a shorter file lost its pixel data.
+        if st.st_size < pixel_offset + 8 + expected:
+            return SkippedFile(
+                path, "truncated", f"file ends before its {expected}-byte pixel data; re-export it"
+            )
+    common = dict(
+        path=path,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        patient_id=str(ds.get("PatientID", "") or ""),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
+        modality=str(ds.get("Modality", "") or ""),
+        sop_class_uid=sop_class,
+        transfer_syntax=tsyntax,
+        rows=rows,
+        cols=cols,
+        samples_per_pixel=spp,
+        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
+        bits_allocated=bits,
+        file_size=st.st_size,
+        file_mtime_ns=st.st_mtime_ns,
+    )
+    image_type = tuple(str(v).upper() for v in _as_list(ds.get("ImageType", ())))
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        return _enhanced_frames(ds, common, image_type, n_frames)
+    if n_frames > 1:
+        # Classic multi-frame (cine, NM, US): no per-frame positions, cannot form a 3D grid.
+        return [
+            SliceHeader(
+                frame=i, image_type=image_type + ("MULTIFRAME_CLASSIC",), pixel_spacing=_floats(ds.get("PixelSpacing")),
+                iop=None, ipp=None, slope=1.0, intercept=0.0, rwv=None, split_values=(i,) * len(SPLIT_KEYS),
+                **common,
+            )
+            for i in range(n_frames)
+        ]
+    split_values = (
+        _num(ds.get("EchoNumbers")),
+        _num(ds.get("TemporalPositionIdentifier")),
+        _num(ds.get("DiffusionBValue")),
+        None,
+        _num(ds.get("AcquisitionNumber")),
+        image_type,
+    )
+    return [
+        SliceHeader(
+            frame=None,
+            image_type=image_type,
+            pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
+            iop=_floats(ds.get("ImageOrientationPatient"), 6),
+            ipp=_floats(ds.get("ImagePositionPatient"), 3),
+            slope=float(ds.get("RescaleSlope", 1) or 1),
+            intercept=float(ds.get("RescaleIntercept", 0) or 0),
+            rwv=_rwv(ds),
+            split_values=split_values,
+            **common,
+        )
+    ]
+
+
+def _enhanced_frames(ds, common, image_type, n_frames) -> list[SliceHeader]:
+    """One SliceHeader per frame of an enhanced CT/MR file, from per-frame then shared functional groups."""
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+
+    def fg(item, seq, attr):
+        for src in (item, shared):
+            if src is not None and seq in src and len(src[seq].value) and attr in src[seq].value[0]:
+                return src[seq].value[0][attr].value
+        return None
+
+    out = []
+    for i in range(min(n_frames, len(per_frame))):
+        item = per_frame[i]
+        frame_type = fg(item, "MRImageFrameTypeSequence", "FrameType") or fg(item, "CTImageFrameTypeSequence", "FrameType")
+        rwv = None
+        rwv_slope = fg(item, "RealWorldValueMappingSequence", "RealWorldValueSlope")
+        if rwv_slope is not None:
+            rwv = (float(rwv_slope), float(fg(item, "RealWorldValueMappingSequence", "RealWorldValueIntercept") or 0))
+        slope = fg(item, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = fg(item, "PixelValueTransformationSequence", "RescaleIntercept")
+        if slope is None:
+            slope, intercept = ds.get("RescaleSlope", 1), ds.get("RescaleIntercept", 0)
+        split_values = (
+            _num(fg(item, "MREchoSequence", "EffectiveEchoTime")),
+            _num(fg(item, "FrameContentSequence", "TemporalPositionIndex")),
+            _num(fg(item, "MRDiffusionSequence", "DiffusionBValue")),
+            fg(item, "FrameContentSequence", "StackID"),
+            None,
+            tuple(str(v).upper() for v in _as_list(frame_type or ())),
+        )
+        out.append(
+            SliceHeader(
+                frame=i,
+                image_type=image_type + tuple(str(v).upper() for v in _as_list(frame_type or ())),
+                pixel_spacing=_floats(fg(item, "PixelMeasuresSequence", "PixelSpacing"), 2),
+                iop=_floats(fg(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+                ipp=_floats(fg(item, "PlanePositionSequence", "ImagePositionPatient"), 3),
+                slope=float(slope if slope not in (None, "") else 1),
+                intercept=float(intercept if intercept not in (None, "") else 0),
+                rwv=rwv,
+                split_values=split_values,
+                **common,
+            )
+        )
+    return out
+
+
+def _rwv(ds) -> tuple[float, float] | None:
+    seq = ds.get("RealWorldValueMappingSequence")
+    if not seq:
+        return None
+    item = seq[0]
+    if "RealWorldValueSlope" not in item:
+        return None  # LUT-based mappings are not applied; modality rescale is used instead
+    return float(item.RealWorldValueSlope), float(item.get("RealWorldValueIntercept", 0) or 0)
+
+
+def _is_native(tsyntax: str) -> bool:
+    return tsyntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    if isinstance(v, (str, bytes)):
+        return [v]
+    try:
+        return list(v)
+    except TypeError:
+        return [v]
+
+
+def _floats(v, n: int | None = None) -> tuple[float, ...] | None:
+    vals = _as_list(v)
+    if not vals or (n is not None and len(vals) != n):
+        return None
+    try:
+        return tuple(float(x) for x in vals)
+    except (TypeError, ValueError):
+        return None
+
+
+def _num(v):
+    try:
+        return None if v in (None, "") else float(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+# --------------------------------------------------------------------------------------------------
+# grouping
+
+
+def assemble_series(slices: list[SliceHeader]) -> list[SeriesCandidate]:
+    """Group slices into candidate volumes: by SeriesInstanceUID, then by geometry, then by the first
+    header in ``SPLIT_KEYS`` that separates slices sharing a position.
+
+    Exact duplicates (same SOPInstanceUID and frame, e.g. one instance exported into two folders) are
+    dropped with the warning ``duplicate_files``. Candidates come back in a deterministic order.
+    """
+    by_uid: dict[str, list[SliceHeader]] = defaultdict(list)
+    for s in slices:
+        by_uid[s.series_uid].append(s)
+    out: list[SeriesCandidate] = []
+    for uid in sorted(by_uid):
+        group = sorted(by_uid[uid], key=lambda s: (s.path, s.frame or 0))
+        unique, n_dup = _drop_exact_duplicates(group)
+        parts = []
+        for geo in _split_by_geometry(unique):
+            parts.extend(_split_duplicates(geo))
+        n_geo_keys = len({_geometry_key(p[0]) for p in parts})
+        for i, part in enumerate(parts, 1):
+            cand = SeriesCandidate(series_uid=uid, slices=part, part=i, n_parts=len(parts))
+            if n_dup:
+                cand.warnings.append("duplicate_files")
+                cand.details["duplicate_files"] = f"{n_dup} file(s) repeat an instance already read; copies ignored"
+            if n_geo_keys > 1:
+                cand.warnings.append("mixed_orientations")
+                cand.details["mixed_orientations"] = (
+                    f"the source series held {n_geo_keys} different grids (orientation, rows/columns or pixel "
+                    f"spacing); split into {len(parts)} series checked separately"
+                )
+            out.append(cand)
+    return out
+
+
+def _drop_exact_duplicates(group):
+    seen, unique = set(), []
+    for s in group:
+        key = (s.sop_instance_uid, s.frame)
+        if s.sop_instance_uid and key in seen:
+            continue
+        seen.add(key)
+        unique.append(s)
+    return unique, len(group) - len(unique)
+
+
+def _geometry_key(s: SliceHeader):
+    iop = tuple(round(v / ORIENTATION_TOL) for v in s.iop) if s.iop else None
+    ps = tuple(round(v, 4) for v in s.pixel_spacing) if s.pixel_spacing else None
+    return (s.rows, s.cols, ps, iop)
+
+
+def _split_by_geometry(group: list[SliceHeader]) -> list[list[SliceHeader]]:
+    clusters: list[list[SliceHeader]] = []
+    for s in group:
+        for c in clusters:
+            ref = c[0]
+            if (ref.rows, ref.cols) == (s.rows, s.cols) and _close(ref.pixel_spacing, s.pixel_spacing, 1e-4) and _close(
+                ref.iop, s.iop, ORIENTATION_TOL
+            ):
+                c.append(s)
+                break
+        else:
+            clusters.append([s])
+    return sorted(clusters, key=lambda c: (-len(c), repr(_geometry_key(c[0]))))
+
+
+def _close(a, b, tol) -> bool:
+    if a is None or b is None:
+        return a is b
+    return bool(np.all(np.abs(np.subtract(a, b)) <= tol))
+
+
+def _normal(iop) -> np.ndarray:
+    n = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+    return n / (np.linalg.norm(n) or 1.0)
+
+
+def _has_duplicate_positions(group: list[SliceHeader]) -> bool:
+    if any(s.ipp is None or s.iop is None for s in group):
+        return False
+    d = np.sort([np.dot(_normal(group[0].iop), s.ipp) for s in group])
+    return bool(np.any(np.diff(d) < DUPLICATE_TOL_MM))
+
+
+def _split_duplicates(group: list[SliceHeader]) -> list[list[SliceHeader]]:
+    if not _has_duplicate_positions(group):
+        return [group]
+    for k in range(len(SPLIT_KEYS)):
+        by_val: dict = defaultdict(list)
+        for s in group:
+            by_val[repr(s.split_values[k])].append(s)
+        if len(by_val) > 1 and not any(_has_duplicate_positions(g) for g in by_val.values()):
+            return [by_val[v] for v in sorted(by_val)]
+    return [group]  # the duplicate_positions check rejects it with a message
+
+
+# --------------------------------------------------------------------------------------------------
+# checks and geometry
+
+
+def check_series(cand: SeriesCandidate, *, min_slices: int = 3) -> SeriesPlan:
+    """Run every check on one candidate and, when it passes, compute its output grid.
+
+    Pure header arithmetic: no pixel data is read. See the module docstring for the check table.
+    """
+    slices = cand.slices
+    modality = slices[0].modality
+    plan = SeriesPlan(candidate=cand, modality=modality, slices=list(slices))
+    for w in cand.warnings:
+        plan.warn(w, cand.details[w])
+    n = len(slices)
+
+    if modality not in SUPPORTED_MODALITIES:
+        plan.reject("unsupported_modality", f"modality {modality or 'missing'!s}; only CT and MR are ingested")
+        return plan
+    if len({s.patient_id for s in slices}) > 1:
+        plan.reject("multiple_patients", f"{len({s.patient_id for s in slices})} different PatientIDs in one series")
+    if len({s.frame_of_reference_uid for s in slices}) > 1:
+        plan.reject("mixed_frames_of_reference", "slices use different FrameOfReferenceUIDs; positions are not comparable")
+    loc_types = sorted({t for s in slices for t in s.image_type if t in LOCALIZER_IMAGE_TYPES})
+    if loc_types or n <= 2:
+        why = f"ImageType {'/'.join(loc_types)}" if loc_types else f"only {n} slice(s)"
+        plan.reject("localizer", f"localizer or scout ({why})")
+    elif n < min_slices:
+        plan.reject("too_few_slices", f"{n} slice(s); at least {min_slices} are needed for a volume")
+    if any("MULTIFRAME_CLASSIC" in s.image_type for s in slices):
+        plan.reject("unsupported_pixels", "classic multi-frame image without per-frame positions")
+        return plan
+    if any(s.samples_per_pixel != 1 for s in slices) or any(
+        not s.photometric.startswith("MONOCHROME") for s in slices
+    ):
+        plan.reject("unsupported_pixels", "colour or multi-sample pixels; CT and MR volumes must be monochrome")
+    if any(s.bits_allocated not in (8, 16, 32) for s in slices):
+        plan.reject("unsupported_pixels", f"BitsAllocated {sorted({s.bits_allocated for s in slices})} not supported")
+    bad_ts = sorted({s.transfer_syntax for s in slices if not decoder_available(s.transfer_syntax)})
+    if bad_ts:
+        names = ", ".join(f"{UID(t).name} ({t})" for t in bad_ts)
+        plan.reject(
+            "unsupported_compression",
+            f"no installed decoder for {names}; install the pylibjpeg plugins or decompress the export "
+            "(e.g. `gdcmconv --raw`)",
+        )
+    missing = [
+        name
+        for name, attr in (("ImagePositionPatient", "ipp"), ("ImageOrientationPatient", "iop"), ("PixelSpacing", "pixel_spacing"))
+        if any(getattr(s, attr) is None for s in slices)
+    ]
+    if missing:
+        plan.reject("missing_geometry", f"{', '.join(missing)} missing or malformed; cannot place the slices in space")
+        return plan
+    if plan.reasons and n < 2:
+        return plan
+
+    iop = np.asarray(slices[0].iop)
+    u, v = iop[:3], iop[3:]
+    if abs(np.linalg.norm(u) - 1) > 1e-2 or abs(np.linalg.norm(v) - 1) > 1e-2 or abs(np.dot(u, v)) > 1e-2:
+        plan.reject("invalid_orientation", "ImageOrientationPatient is not two orthonormal direction vectors")
+        return plan
+    # Re-orthonormalize: headers store 6-8 digits, and qform needs an exact rotation.
+    u = u / np.linalg.norm(u)
+    v = v - np.dot(u, v) * u
+    v = v / np.linalg.norm(v)
+    nrm = np.cross(u, v)
+    drow, dcol = slices[0].pixel_spacing  # PixelSpacing = (between rows, between columns)
+
+    ipp = np.array([s.ipp for s in slices], dtype=np.float64)
+    d = ipp @ nrm
+    order = np.argsort(d, kind="stable")
+    plan.slices = [slices[i] for i in order]
+    ipp, d = ipp[order], d[order]
+    rel = d - d[0]
+    plan.positions = rel
+
+    if n >= 2:
+        steps = np.diff(rel)
+        n_dup = int(np.sum(steps < DUPLICATE_TOL_MM))
+        if n_dup:
+            plan.reject(
+                "duplicate_positions",
+                f"{n_dup} slice(s) share a position with another slice and no echo/temporal/b-value/stack/"
+                "acquisition header separates them; export each volume as its own series",
+            )
+            return plan
+    origin = ipp[0]
+    if n < 2:
+        plan.affine = _ras_affine(u * dcol, v * drow, nrm * max(drow, dcol), origin)
+        plan.shape = (slices[0].cols, slices[0].rows, n)
+        return plan
+
+    # Gantry tilt: in-plane offset of each slice from the line through the first slice along the normal.
+    offsets = (ipp - origin) - np.outer(rel, nrm)
+    # Slice k sits at o_k in-plane from that line, so on the orthogonal grid new[i, j] = old[i - a_k, j - b_k]
+    # with (a_k, b_k) = (o_k.u / dcol, o_k.v / drow): exactly scipy.ndimage.shift's convention.
+    shift = np.stack([(offsets @ u) / dcol, (offsets @ v) / drow], axis=1)
+    if np.max(np.abs(shift)) > TILT_TOL_VOXELS:
+        span = np.linalg.norm(offsets[-1])
+        angle = float(np.degrees(np.arctan2(span, rel[-1]))) if rel[-1] > 0 else 90.0
+        plan.inplane_shift = shift
+        plan.source_affine = _ras_affine(u * dcol, v * drow, (ipp[-1] - origin) / (n - 1), origin)
+        plan.warn(
+            "gantry_tilt",
+            f"slices sheared by {angle:.2f} degrees against the slice normal; each slice shifted in-plane "
+            "onto an orthogonal grid (linear interpolation)",
+        )
+
+    steps = np.diff(rel)
+    med = float(np.median(steps))
+    gaps = np.nonzero(steps > GAP_FACTOR * med)[0]
+    if len(gaps):
+        desc = "; ".join(
+            f"{steps[g]:.3f} mm after slice {g + 1} of {n} (about {max(1, round(steps[g] / med) - 1)} missing)"
+            for g in gaps[:5]
+        )
+        plan.reject(
+            "missing_slices",
+            f"{len(gaps)} gap(s) wider than {GAP_FACTOR}x the median step {med:.3f} mm: {desc}; "
+            "re-export the complete series",
+        )
+        return plan
+    dz = rel[-1] / (n - 1)
+    tol = max(NON_UNIFORM_REL_TOL * dz, NON_UNIFORM_ABS_TOL_MM)
+    dev = float(np.max(np.abs(rel - dz * np.arange(n))))
+    if dev > tol:
+        n_out = int(np.floor(rel[-1] / med + 1e-6)) + 1
+        plan.target_positions = med * np.arange(n_out)
+        dz = med
+        plan.warn(
+            "non_uniform_spacing",
+            f"slice steps range {steps.min():.3f}-{steps.max():.3f} mm; positions deviate from a uniform grid "
+            f"by up to {dev:.3f} mm (tolerance max(1% of the step, 0.01 mm) = {tol:.3f} mm); resampled "
+            f"linearly to {n_out} slices at {med:.3f} mm",
+        )
+    plan.affine = _ras_affine(u * dcol, v * drow, nrm * dz, origin)
+    n_out = n if plan.target_positions is None else len(plan.target_positions)
+    plan.shape = (slices[0].cols, slices[0].rows, n_out)
+    return plan
+
+
+def _ras_affine(ax0, ax1, ax2, origin) -> np.ndarray:
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = ax0, ax1, ax2, origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def decoder_available(transfer_syntax: str) -> bool:
+    """True when pydicom (with the installed plugins) can decode pixel data in this transfer syntax."""
+    if _is_native(transfer_syntax) or transfer_syntax == "1.2.840.10008.1.2.1.99":
+        return True
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(transfer_syntax).is_available)
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# pixel data
+
+
+def read_volume(plan: SeriesPlan, *, relpath=lambda p: os.path.basename(p)) -> np.ndarray:
+    """Decode and stack the slices of an accepted plan into an ``(x, y, z)`` array on its output grid.
+
+    CT comes back in HU as int16 when every slope/intercept is integral and the values fit, else float32;
+    MR as float32 after the real-world value mapping when present, else the modality rescale. Gantry tilt
+    and non-uniform spacing corrections of the plan are applied here.
+
+    Raises:
+        SeriesReadError: a slice cannot be decoded (``unreadable_pixels``) or has the wrong size; the
+            message names the file via ``relpath`` (so the caller controls what the report shows).
+    """
+    slices = plan.slices
+    rows, cols = slices[0].rows, slices[0].cols
+    is_ct = plan.modality == "CT"
+    integral = is_ct and all(
+        float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices
+    )
+    vol = np.empty((cols, rows, len(slices)), dtype=np.int32 if integral else np.float32, order="F")
+    cache_path, cache_arr = None, None
+    for k, s in enumerate(slices):
+        if s.path != cache_path:
+            cache_path, cache_arr = s.path, _decode(s.path, relpath)
+        arr = cache_arr if s.frame is None else cache_arr[s.frame] if cache_arr.ndim == 3 else cache_arr
+        if arr.shape != (rows, cols):
+            raise SeriesReadError(
+                "unreadable_pixels", f"{relpath(s.path)}: pixel array {arr.shape} does not match Rows/Columns {(rows, cols)}"
+            )
+        if not is_ct and s.rwv is not None:
+            slope, inter = s.rwv
+        else:
+            slope, inter = s.slope, s.intercept
+        if integral:
+            vol[:, :, k] = (arr.astype(np.int32) * int(slope) + int(inter)).T
+        else:
+            vol[:, :, k] = (arr.astype(np.float64) * slope + inter).T
+    if plan.inplane_shift is not None:
+        vol = _apply_inplane_shift(vol, plan.inplane_shift, order=1)
+    if plan.target_positions is not None:
+        vol = _resample_along_normal(vol, plan.positions, plan.target_positions)
+    if integral:
+        lo, hi = (int(vol.min()), int(vol.max())) if vol.size else (0, 0)
+        if -32768 <= lo and hi <= 32767:
+            return np.asarray(np.rint(vol) if vol.dtype.kind == "f" else vol, dtype=np.int16, order="F")
+        return vol.astype(np.float32, order="F")
+    return vol.astype(np.float32, order="F", copy=False)
+
+
+def _decode(path: str, relpath) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:
+            ds = pydicom.dcmread(f)
+            return ds.pixel_array
+    except Exception as e:
+        raise SeriesReadError(
+            "unreadable_pixels", f"{relpath(path)}: pixel data cannot be decoded ({type(e).__name__}); re-export it"
+        ) from None
+
+
+def _apply_inplane_shift(vol: np.ndarray, shift: np.ndarray, *, order: int) -> np.ndarray:
+    from scipy import ndimage
+
+    fill = vol.min() if vol.size else 0
+    out = np.empty_like(vol, order="F")
+    for k in range(vol.shape[2]):
+        out[:, :, k] = ndimage.shift(vol[:, :, k], shift[k], order=order, mode="constant", cval=fill)
+    return out
+
+
+def _resample_along_normal(vol: np.ndarray, pos: np.ndarray, target: np.ndarray, *, nearest: bool = False) -> np.ndarray:
+    idx = np.clip(np.searchsorted(pos, target, side="right") - 1, 0, len(pos) - 2)
+    w = (target - pos[idx]) / (pos[idx + 1] - pos[idx])
+    out = np.empty(vol.shape[:2] + (len(target),), dtype=vol.dtype if nearest else np.float32, order="F")
+    for k, (i, wk) in enumerate(zip(idx, w)):
+        if nearest:
+            out[:, :, k] = vol[:, :, i + 1] if wk >= 0.5 else vol[:, :, i]
+        else:
+            out[:, :, k] = (1 - wk) * vol[:, :, i] + wk * vol[:, :, i + 1]
+    return out
+
+
+def resample_label_like(plan: SeriesPlan, label_on_source_grid: np.ndarray) -> np.ndarray:
+    """Apply the plan's tilt/spacing corrections to a mask given on the uncorrected source grid (nearest)."""
+    lab = label_on_source_grid
+    if plan.inplane_shift is not None:
+        lab = _apply_inplane_shift(lab, plan.inplane_shift, order=0)
+    if plan.target_positions is not None:
+        lab = _resample_along_normal(lab, plan.positions, plan.target_positions, nearest=True)
+    return lab

@@ -1,0 +1,118 @@
+"""A 3D encoder-decoder column whose stages are addressable by name.
+
+MONAI's ``UNet`` nests ``Sequential(down, SkipConnection(sub), up)`` and its stages cannot be tapped,
+so the column is built here from MONAI blocks (``ResidualUnit``, ``Convolution``) as a flat
+``ModuleDict`` of named stages::
+
+    enc0 -> enc1 -> ... -> bottleneck -> ... -> dec1 -> dec0 -> head
+    (dec_i works at the resolution of enc_i and receives enc_i's output as its skip connection)
+
+Sharing mechanisms address these names (``enc0``, ``bottleneck``, ``dec0``, ...). Shapes: input
+``(B, in_channels, D, H, W)`` with every spatial size divisible by ``2 ** (levels - 1)``; the output of
+``enc_i`` and ``dec_i`` has ``channels[i]`` channels at ``1 / 2**i`` of the input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from monai.networks.blocks import Convolution, ResidualUnit
+from torch import nn
+
+from medmtl.config import ModelConfig
+
+__all__ = ["Column", "Stage", "norm_spec"]
+
+
+def norm_spec(norm: str) -> tuple | str:
+    """MONAI norm argument for a config norm name (group norm uses up to 8 groups)."""
+    return {"instance": ("instance", {"affine": True}), "batch": "batch", "group": ("group", {"num_groups": 4})}[norm]
+
+
+def _unit(cfg: ModelConfig, c_in: int, c_out: int, strides: int) -> nn.Module:
+    if cfg.num_res_units > 0:
+        return ResidualUnit(
+            spatial_dims=3, in_channels=c_in, out_channels=c_out, strides=strides, kernel_size=3,
+            subunits=cfg.num_res_units + 1, norm=norm_spec(cfg.norm), dropout=cfg.dropout or None, act="PRELU",
+        )
+    return Convolution(
+        spatial_dims=3, in_channels=c_in, out_channels=c_out, strides=strides, kernel_size=3,
+        norm=norm_spec(cfg.norm), dropout=cfg.dropout or None, act="PRELU",
+    )
+
+
+class Stage(nn.Module):
+    """One named stage of a column.
+
+    Encoder stages downsample (stride 2, except ``enc0``) and refine; decoder stages upsample the
+    deeper feature map with a transposed convolution, concatenate the skip connection and refine.
+    """
+
+    def __init__(self, *, cfg: ModelConfig, c_in: int, c_out: int, kind: str, c_skip: int = 0) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "decoder":
+            self.up = Convolution(
+                spatial_dims=3, in_channels=c_in, out_channels=c_out, strides=2, kernel_size=3,
+                norm=norm_spec(cfg.norm), act="PRELU", is_transposed=True,
+            )
+            self.block = _unit(cfg, c_out + c_skip, c_out, strides=1)
+        else:
+            self.block = _unit(cfg, c_in, c_out, strides=2 if kind == "down" else 1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, c_in, ...) -> (B, c_out, ...)``; decoder stages take the skip tensor at the output size."""
+        if self.kind == "decoder":
+            return self.block(torch.cat([self.up(x), skip], dim=1))
+        return self.block(x)
+
+
+class Column(nn.Module):
+    """A 3D encoder-decoder with named stages (no head; heads belong to the two-column net).
+
+    Args:
+        cfg: the model section of the config (channels per level, residual units, norm, dropout).
+    """
+
+    def __init__(self, *, cfg: ModelConfig) -> None:
+        super().__init__()
+        ch = list(cfg.channels)
+        k = len(ch)
+        self.depth_names: list[str] = cfg.depth_names
+        self.out_channels = ch[0]
+        self.stages = nn.ModuleDict()
+        self.stages["enc0"] = Stage(cfg=cfg, c_in=cfg.in_channels, c_out=ch[0], kind="same")
+        for i in range(1, k - 1):
+            self.stages[f"enc{i}"] = Stage(cfg=cfg, c_in=ch[i - 1], c_out=ch[i], kind="down")
+        self.stages["bottleneck"] = Stage(cfg=cfg, c_in=ch[k - 2], c_out=ch[k - 1], kind="down")
+        for i in reversed(range(k - 1)):
+            self.stages[f"dec{i}"] = Stage(cfg=cfg, c_in=ch[i + 1], c_out=ch[i], kind="decoder", c_skip=ch[i])
+
+    @property
+    def levels(self) -> int:
+        """Number of resolution levels (the input size must be divisible by ``2 ** (levels - 1)``)."""
+        return (len(self.depth_names) + 1) // 2
+
+    def stage_steps(self) -> Iterator[tuple[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]]]:
+        """Yield ``(depth_name, fn)`` in execution order, ``fn(x, skips) -> y``.
+
+        Encoder outputs are recorded in ``skips`` by the caller; this lets a two-column net run both
+        columns in lock-step and mix their activations after any named stage.
+        """
+        for name in self.depth_names:
+            stage = self.stages[name]
+            if name.startswith("dec"):
+                level = name[3:]
+                yield name, (lambda x, skips, s=stage, lv=level: s(x, skips[f"enc{lv}"]))
+            else:
+                yield name, (lambda x, skips, s=stage: s(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, D, H, W) -> (B, channels[0], D, H, W)`` features for a head."""
+        skips: dict[str, torch.Tensor] = {}
+        for name, fn in self.stage_steps():
+            x = fn(x, skips)
+            if name.startswith("enc"):
+                skips[name] = x
+        return x
