@@ -230,7 +230,7 @@ class ExperimentConfig(_Strict):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sharing: list[SharingConfig] = Field(default_factory=list, description="sharing mechanisms at chosen depths; empty = single-task baseline (independent columns)")
-    weighting: WeightingConfig = Field(default_factory=EqualWeightingConfig)
+    weighting: WeightingConfig = Field(default_factory=EqualWeightingConfig, description="loss-weighting method (equal or gradnorm) and its hyper-parameters")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

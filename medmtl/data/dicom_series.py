@@ -272,7 +272,7 @@ def _slices_from_header(path, ds, st, pixel_offset) -> list[SliceHeader] | Skipp
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
     if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
-        return SkippedFile(path, "dicomdir", "DICOMDIR index; the files it lists are found by walking the export")
+        return SkippedFile(path, "dicomdir", _dicomdir_detail(path, ds))
     sop_name = UID(sop_class).name if sop_class else "unknown SOP class"
     if sop_class == SEGMENTATION_STORAGE:
         return SkippedFile(path, "dicom_seg", "DICOM SEG object; SEG labels are not ingested yet, use NIfTI labels")
@@ -312,7 +312,7 @@ def _slices_from_header(path, ds, st, pixel_offset) -> list[SliceHeader] | Skipp
         file_size=st.st_size,
         file_mtime_ns=st.st_mtime_ns,
     )
-    image_type = tuple(str(v).upper() for v in _as_list(ds.get("ImageType", ())))
+    image_type = tuple(str(v).upper() for v in _as_list(_optional(ds, "ImageType") or ()))
     if "PerFrameFunctionalGroupsSequence" in ds:
         return _enhanced_frames(ds, common, image_type, n_frames)
     if n_frames > 1:
@@ -326,11 +326,11 @@ def _slices_from_header(path, ds, st, pixel_offset) -> list[SliceHeader] | Skipp
             for i in range(n_frames)
         ]
     split_values = (
-        _num(ds.get("EchoNumbers")),
-        _num(ds.get("TemporalPositionIdentifier")),
-        _num(ds.get("DiffusionBValue")),
+        _num(_optional(ds, "EchoNumbers")),
+        _num(_optional(ds, "TemporalPositionIdentifier")),
+        _num(_optional(ds, "DiffusionBValue")),
         None,
-        _num(ds.get("AcquisitionNumber")),
+        _num(_optional(ds, "AcquisitionNumber")),
         image_type,
     )
     return [
@@ -347,6 +347,24 @@ def _slices_from_header(path, ds, st, pixel_offset) -> list[SliceHeader] | Skipp
             **common,
         )
     ]
+
+
+def _dicomdir_detail(path: str, ds) -> str:
+    """Say how many files the DICOMDIR lists and how many of them are missing (counts only: no paths)."""
+    listed = missing = 0
+    base = os.path.dirname(path)
+    for rec in ds.get("DirectoryRecordSequence", []):
+        ref = rec.get("ReferencedFileID")
+        if not ref:
+            continue
+        listed += 1
+        parts = [ref] if isinstance(ref, str) else list(ref)
+        if not os.path.exists(os.path.join(base, *parts)):
+            missing += 1
+    text = f"DICOMDIR index listing {listed} file(s); files are found by walking the export"
+    if missing:
+        text += f"; {missing} listed file(s) are missing from the export (incomplete copy?)"
+    return text
 
 
 def _enhanced_frames(ds, common, image_type, n_frames) -> list[SliceHeader]:
@@ -395,6 +413,18 @@ def _enhanced_frames(ds, common, image_type, n_frames) -> list[SliceHeader]:
             )
         )
     return out
+
+
+def _optional(ds, keyword):
+    """Value of an optional element, or None when it is absent or its value does not parse.
+
+    A malformed optional element (an IS holding letters) must not cost the slice: that would turn a
+    harmless header defect into a missing slice.
+    """
+    try:
+        return ds.get(keyword)
+    except Exception:
+        return None
 
 
 def _rwv(ds) -> tuple[float, float] | None:
@@ -591,8 +621,6 @@ def check_series(cand: SeriesCandidate, *, min_slices: int = 3) -> SeriesPlan:
     ]
     if missing:
         plan.reject("missing_geometry", f"{', '.join(missing)} missing or malformed; cannot place the slices in space")
-        return plan
-    if plan.reasons and n < 2:
         return plan
 
     iop = np.asarray(slices[0].iop)

@@ -9,11 +9,14 @@ What ingest does, in order:
 3. Matches NIfTI labels from ``LABEL_DIR`` (``<SeriesInstanceUID>.nii.gz``, or a ``labels.csv`` with the
    columns ``series_uid,label_path``) in world space: a mask on the same grid with axes flipped or permuted
    is reordered onto the image grid; a mask that does not match is a ``label_mismatch`` rejection in the
-   report, never a silent resample.
+   report, never a silent resample. Masks are compared with the output grid; for a gantry-tilted series a
+   mask on the uncorrected (sheared) grid is accepted too and gets the same in-plane shift (nearest).
 4. Writes ``images/<case_id>_<series_key>.nii.gz`` (and ``labels/...`` as uint8) atomically: temporary
    file in the same folder, fsync, ``os.replace``. gzip headers carry no name and no time, so the bytes
    are reproducible and their sha256 is the content hash.
 5. Writes ``manifest.jsonl`` (see :mod:`medmtl.data.manifest`) and ``ingest_report.json`` atomically.
+
+Two ingests must not write into one ``DATA_DIR`` at the same time (there is no lock yet).
 
 Re-runs and resumes: after each series is written, its manifest entry is stored in
 ``DATA_DIR/.ingest_state/``. A re-run skips a series whose source files (paths, sizes, mtimes), label and
@@ -211,17 +214,16 @@ def ingest(
         labels = _index_labels(labels_dir) if labels_dir is not None else {}
         jobs = _plan_jobs(plans, labels, pz, out, relpath, skipped)
         with ThreadPoolExecutor(convert_workers) as pool:
-            results = list(
-                _progress(pool.map(lambda j: _run_job(j, out, pz, relpath), jobs), len(jobs), "converting", "series", progress)
-            )
+            futures = [pool.submit(_run_job, j, out, pz, relpath) for j in jobs]
+            try:
+                results = [f.result() for f in _progress(futures, len(jobs), "converting", "series", progress)]
+            except BaseException:
+                # Fatal (disk full, interrupt): stop queued series; finished ones keep their state and
+                # are skipped when the ingest is run again.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
     report = IngestReport(series=[r for r, _ in results], skipped=skipped)
-    for rec, entry in results:
-        state = out / STATE_DIR / f"{rec.series_key}.json"
-        if entry is not None:
-            atomic_write_bytes(state, json.dumps(entry.to_dict(), sort_keys=True).encode())
-        elif state.exists():
-            _drop_old_outputs(out, state, rec)
     write_manifest(out, _read_state(out))
     atomic_write_bytes(out / REPORT_NAME, report.to_json().encode("utf-8"))
     log.info("%s", report.summary())
@@ -431,6 +433,17 @@ def _source_hash(pz: Pseudonymizer, plan: SeriesPlan, relpath, label_path) -> st
 
 
 def _run_job(job: _Job, out: Path, pz: Pseudonymizer, relpath) -> tuple[SeriesRecord, ManifestEntry | None]:
+    rec, entry = _convert(job, out, relpath)
+    state = out / STATE_DIR / f"{rec.series_key}.json"
+    if entry is not None:
+        # Written right after the series, so that an interrupted ingest resumes from here.
+        atomic_write_bytes(state, json.dumps(entry.to_dict(), sort_keys=True).encode())
+    elif state.exists():
+        _drop_old_outputs(out, state, rec)
+    return rec, entry
+
+
+def _convert(job: _Job, out: Path, relpath) -> tuple[SeriesRecord, ManifestEntry | None]:
     plan, rec = job.plan, job.record
     rec.warnings = list(plan.warnings)
     rec.details = dict(plan.details)

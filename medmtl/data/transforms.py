@@ -161,7 +161,7 @@ def deterministic_transforms(cfg: ExperimentConfig, plan: Plan, modality: str, *
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
     chain: list = [
-        LoadImaged(keys=keys, image_only=True),
+        LoadImaged(keys=keys, image_only=True, reader="NibabelReader"),
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=None),
         Spacingd(keys=keys, pixdim=target_spacing(cfg, plan, modality), mode=modes),

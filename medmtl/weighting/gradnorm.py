@@ -12,6 +12,8 @@ so no extra backward pass is spent. Since ``w_i`` is a scalar, ``G_i = w_i * g_i
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from medmtl.config import GradNormConfig
@@ -67,7 +69,7 @@ class GradNorm(LossWeighting):
             w.clamp_(min=1e-6)
             w.mul_(len(self.tasks) / w.sum())
             self.weights.copy_(w.detach())
-        self.last = {"L_grad": float(L_grad), **{f"G/{t}": float(G_measured[i]) for i, t in enumerate(self.tasks)},
+        self.last = {"L_grad": float(L_grad.detach()), **{f"G/{t}": float(G_measured[i]) for i, t in enumerate(self.tasks)},
                      **{f"r/{t}": float(r[i]) for i, t in enumerate(self.tasks)}}
 
     def log_values(self) -> dict[str, float]:
@@ -78,7 +80,8 @@ class GradNorm(LossWeighting):
 
     def state_dict(self, *args, **kwargs):  # noqa: D102 - the Adam state of w is part of the method's state
         sd = super().state_dict(*args, **kwargs)
-        sd["optimizer"] = self.optimizer.state_dict()
+        # a copy: Adam's load_state_dict keeps tensors it is given, so a live reference would be shared
+        sd["optimizer"] = copy.deepcopy(self.optimizer.state_dict())
         return sd
 
     def load_state_dict(self, state_dict, strict: bool = True):  # noqa: D102

@@ -19,7 +19,6 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLS
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest_ingest import (  # noqa: E402
-    AXIAL,
     CORONAL,
     assert_same_world,
     assert_world_match,
@@ -118,10 +117,10 @@ def _ramp(pts):
     return 3.0 * pts[..., 0] - 2.0 * pts[..., 1] + 5.0 * pts[..., 2] + 500.0
 
 
-def _check_ramp(nifti: Path, margin: int, atol: float):
+def _check_ramp(nifti: Path, atol: float, jmin: int = 0):
     img = nib.load(str(nifti))
     data = np.asanyarray(img.dataobj).astype(float)
-    i, j, k = np.meshgrid(*(np.arange(margin, s - margin) for s in data.shape[:2]), np.arange(data.shape[2]), indexing="ij")
+    i, j, k = np.meshgrid(np.arange(data.shape[0]), np.arange(jmin, data.shape[1]), np.arange(data.shape[2]), indexing="ij")
     ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)
     ras = ijk @ img.affine[:3, :3].T + img.affine[:3, 3]
     lps = ras * np.array([-1.0, -1.0, 1.0])
@@ -139,11 +138,8 @@ def test_gantry_tilt_is_corrected_onto_an_orthogonal_grid(tmp_path):
     img = nib.load(str(tmp_path / "data" / rec.output))
     cols = img.affine[:3, :3] / np.linalg.norm(img.affine[:3, :3], axis=0)
     np.testing.assert_allclose(cols.T @ cols, np.eye(3), atol=1e-6)  # no shear left in the affine
-    # The rows near the far edge have no source data after the shift; the rest is the world ramp.
-    img_data = np.asanyarray(img.dataobj)
-    sub = tmp_path / "sub.nii.gz"
-    nib.save(nib.Nifti1Image(img_data[:, : 24 - 4], img.affine), sub)
-    _check_ramp(sub, margin=0, atol=1.0)
+    # Slices shift by up to 3 rows towards +j, so the first rows have no source data; the rest is the ramp.
+    _check_ramp(tmp_path / "data" / rec.output, atol=1.0, jmin=4)
 
 
 def test_non_uniform_spacing_is_resampled_to_the_median_step(tmp_path):
@@ -154,7 +150,7 @@ def test_non_uniform_spacing_is_resampled_to_the_median_step(tmp_path):
     (rec,) = accepted(report)
     assert "non_uniform_spacing" in rec.warnings and "tolerance" in rec.details["non_uniform_spacing"]
     assert rec.spacing[2] == pytest.approx(2.0) and rec.shape[2] == 8
-    _check_ramp(tmp_path / "data" / rec.output, margin=0, atol=1.0)
+    _check_ramp(tmp_path / "data" / rec.output, atol=1.0)
 
 
 def test_duplicate_positions_rejected_but_repeated_files_deduplicated(tmp_path):
@@ -299,6 +295,8 @@ def test_pydicom_dicomdir_tree(tmp_path):
     assert set(reasons) <= {"unsupported_modality", "missing_slices", "localizer"}
     skipped = {s["path"]: s["reason"] for s in report.skipped}
     assert skipped["DICOMDIR"] == "dicomdir" and skipped["README.txt"] == "not_dicom"
+    detail = {s["path"]: s["detail"] for s in report.skipped}["DICOMDIR"]
+    assert "listing 31 file(s)" in detail and "missing" not in detail
 
 
 @pytest.mark.parametrize(
@@ -348,21 +346,13 @@ def test_enhanced_multiframe_mr_matches_dcm2niix(tmp_path):
     theirs = dcm2niix_convert(tmp_path / "export", tmp_path / "niix")
     if not theirs:
         pytest.skip("dcm2niix wheel not installed")
-    # dcm2niix applies Philips' private scale; compare positions via a value-free check: same grid.
+    # nibabel ships this file with its pixel data zeroed, so only the grids can be compared: every corner
+    # voxel centre of ours must be a voxel centre of dcm2niix's volume, and the grids must have one size.
     a, b = nib.load(str(tmp_path / "data" / rec.output)), nib.load(str(next(iter(theirs.values()))))
+    assert sorted(a.shape) == sorted(b.shape[:3])
     corners = np.array([[i, j, k] for i in (0, a.shape[0] - 1) for j in (0, a.shape[1] - 1) for k in (0, a.shape[2] - 1)], float)
     world = corners @ a.affine[:3, :3].T + a.affine[:3, 3]
     inv = np.linalg.inv(b.affine)
     ijk_b = world @ inv[:3, :3].T + inv[:3, 3]
     assert np.max(np.abs(ijk_b - np.rint(ijk_b))) < 1e-2
-    da, db = np.asanyarray(a.dataobj).astype(float), np.asanyarray(b.dataobj).astype(float)
-    idx = np.rint(ijk_b).astype(int)
-    # Same stored pattern up to a positive scale: correlation of corresponding voxels ~ 1.
-    i, j, k = np.meshgrid(*(np.arange(0, s, 7) for s in a.shape), indexing="ij")
-    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float)
-    w = ijk @ a.affine[:3, :3].T + a.affine[:3, 3]
-    jb = np.rint(w @ inv[:3, :3].T + inv[:3, 3]).astype(int)
-    va = da[ijk[:, 0].astype(int), ijk[:, 1].astype(int), ijk[:, 2].astype(int)]
-    vb = db[jb[:, 0], jb[:, 1], jb[:, 2]]
-    assert np.corrcoef(va, vb)[0, 1] > 0.999
-    assert idx.min() >= 0
+    assert np.all(np.rint(ijk_b) >= 0) and np.all(np.rint(ijk_b) < np.array(b.shape[:3]))
