@@ -64,7 +64,7 @@ def test_run_holds_params_metrics_artifacts_and_a_registered_version(demo):
     assert {"config.yaml", "plan.json", "ingest_summary.json", "evaluation"} <= names
     assert run.data.tags["medmtl.sharing"] == "soft+cross_stitch"
     mv = client.get_model_version_by_alias("medmtl-tiny", "challenger")
-    assert mv.version == "1" and mv.run_id == run_id
+    assert str(mv.version) == "1" and mv.run_id == run_id
 
 
 def test_registered_model_loads_by_alias_and_predicts_on_the_input_grid(demo, tmp_path):

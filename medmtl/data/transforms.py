@@ -13,6 +13,8 @@ nested ``Compose`` counts as one random transform and silently caches nothing).
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Hashable, Mapping
 
 import numpy as np
@@ -139,6 +141,18 @@ class RemapLabelsd(_ArrayMapd):
         super().__init__(keys, RemapLabels(labels), allow_missing_keys)
 
 
+def _load_nifti(keys: list[str]) -> LoadImaged:
+    """``LoadImaged`` reading NIfTI with nibabel.
+
+    MONAI instantiates every default reader anyway, and its GPU DICOM reader warns on machines
+    without nvImageCodec; ingested data is NIfTI, so that warning is noise and is silenced here.
+    """
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+        return LoadImaged(keys=keys, image_only=True, reader="NibabelReader")
+
+
 def target_spacing(cfg: ExperimentConfig, plan: Plan, modality: str) -> tuple[float, float, float]:
     """Resampling spacing: the config's override, else the plan's."""
     override = cfg.preprocess.target_spacing.get(modality)
@@ -161,7 +175,7 @@ def deterministic_transforms(cfg: ExperimentConfig, plan: Plan, modality: str, *
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
     chain: list = [
-        LoadImaged(keys=keys, image_only=True, reader="NibabelReader"),
+        _load_nifti(keys),
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=None),
         Spacingd(keys=keys, pixdim=target_spacing(cfg, plan, modality), mode=modes),

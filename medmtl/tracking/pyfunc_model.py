@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -105,10 +106,13 @@ def log_segmentation_model(*, run_id: str, tracking_uri: str, net: torch.nn.Modu
     """Log the pyfunc model (weights, config, plan, medmtl source) into ``run_id``; returns its model URI."""
     import medmtl
 
-    pkg_dir = Path(medmtl.__file__).parent
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        # ship the library the model needs, not the synthetic-export generator (its fake-name pools
+        # would put patient-like strings into every model) nor byte caches
+        pkg_dir = tmp / "code" / "medmtl"
+        shutil.copytree(Path(medmtl.__file__).parent, pkg_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "synth.py"))
         torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp / "weights.pt")
         (tmp / "config.yaml").write_text(cfg_yaml)
         (tmp / "plan.json").write_text(json.dumps(plan, indent=2))
