@@ -48,18 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an experiment and track it in MLflow")
     _config_args(p)
-    p.add_argument("--out", default="runs", help="folder for checkpoints")
+    p.add_argument("--out", default="runs", help="folder for checkpoints (one subfolder per MLflow run)")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue from a last.pt (same MLflow run, same data order)")
 
     p = sub.add_parser("register", help="register a run's model as a new version (alias challenger)")
     p.add_argument("run_id")
     p.add_argument("--name", default=None, help="registered model name (default: tracking.registered_model of the config)")
     p.add_argument("--config", default=DEFAULT_CONFIG)
 
-    p = sub.add_parser("predict", help="segment a NIfTI image with a logged or registered model")
-    p.add_argument("model_uri", help="e.g. models:/medmtl-demo@challenger or runs:/<run_id>/model")
-    p.add_argument("input", help="NIfTI image")
-    p.add_argument("--modality", required=True, choices=["CT", "MR", "ct", "mr"])
-    p.add_argument("--out", required=True, help="output label NIfTI")
+    p = sub.add_parser("promote", help="move alias champion to a version if it passes the gates of the config (tracking.gate)")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("version", help="model version number")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="config whose tracking.gate and tracking URI apply")
+
+    p = sub.add_parser("predict", help="segment a NIfTI image or a DICOM series folder with a logged or registered model")
+    p.add_argument("model_uri", help="e.g. models:/medmtl-demo@champion or runs:/<run_id>/model")
+    p.add_argument("input", help="NIfTI image, or a folder holding one DICOM series")
+    p.add_argument("--modality", default=None, choices=["CT", "MR", "ct", "mr"], help="required for NIfTI; DICOM headers say it")
+    p.add_argument("--out", required=True, help="output label NIfTI (on the input grid); for DICOM input a DICOM SEG is written beside it as <name>.seg.dcm")
 
     p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate -> MLflow -> registered model, on a small CPU-sized dataset")
     _config_args(p, required=False)
@@ -103,7 +109,9 @@ def _run(args: argparse.Namespace) -> int:
         from pipelines.train import run_training
 
         cfg = load_config(args.config, args.overrides)
-        res = run_training(cfg, out_dir=args.out)
+        res = run_training(cfg, out_dir=args.out, resume=args.resume)
+        if not res.run_id:  # ranks other than 0 under torchrun
+            return 0
         print(f"run id: {res.run_id}")
         for m, d in res.test_dice.items():
             print(f"  {m.upper()}: " + "  ".join(f"{k} {v:.3f}" for k, v in d.items()))
@@ -126,12 +134,32 @@ def _run(args: argparse.Namespace) -> int:
         from medmtl.tracking.store import resolve_tracking_uri
 
         t0 = time.perf_counter()
+        src, out = Path(args.input), Path(args.out).resolve()
+        if not src.exists():
+            raise FileNotFoundError(f"input {src} not found (a NIfTI file or a DICOM series folder)")
+        if not src.is_dir() and args.modality is None:
+            raise ValueError(f"input {src} is a NIfTI file: give --modality CT or MR")
+        row = {"image": str(src.resolve()), "modality": args.modality.upper() if args.modality else None, "output": str(out)}
+        if src.is_dir():
+            row["seg_output"] = str(out.with_name(out.name.removesuffix(".gz").removesuffix(".nii") + ".seg.dcm"))
         mlflow.set_tracking_uri(resolve_tracking_uri(None)[0])
         model = mlflow.pyfunc.load_model(args.model_uri)
-        res = model.predict(pd.DataFrame([{"image": str(Path(args.input).resolve()), "modality": args.modality.upper(), "output": str(Path(args.out).resolve())}]))
+        res = model.predict(pd.DataFrame([row])).drop(columns=["labels"], errors="ignore")
         print(res.to_string(index=False))
-        print(f"wrote {args.out} in {time.perf_counter() - t0:.1f} s")
+        written = [p for p in (res.loc[0, "output"], res.loc[0, "seg_output"]) if p and not str(p).startswith("not written")]
+        print(f"wrote {', '.join(written)} in {time.perf_counter() - t0:.1f} s")
+        if str(res.loc[0, "seg_output"]).startswith("not written"):
+            print(f"DICOM SEG {res.loc[0, 'seg_output']}", file=sys.stderr)
         return 0
+    if args.command == "promote":
+        from medmtl.tracking.registry import promote
+        from medmtl.tracking.store import resolve_tracking_uri
+
+        cfg = load_config(args.config)
+        uri, _ = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        decision = promote(tracking_uri=uri, name=args.name, version=args.version, gate=cfg.tracking.gate)
+        print(decision.summary())
+        return 0 if decision.passed else 1
     if args.command == "demo":
         from pipelines.demo import run_demo
 

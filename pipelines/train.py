@@ -12,9 +12,16 @@ import medmtl
 from medmtl.config import ExperimentConfig, config_to_yaml, flatten_config
 from medmtl.data.loaders import load_split
 from medmtl.data.plan import compute_plan, load_plan, save_plan
-from medmtl.tracking.logger import RunLogger
+from medmtl.tracking.logger import NullLogger, RunLogger, last_logged_steps
+from medmtl.evaluation.inference import Segmenter
+from medmtl.tracking.plots import log_history_plots, log_overlays
 from medmtl.tracking.pyfunc_model import log_segmentation_model
-from medmtl.tracking.store import ensure_experiment, resolve_tracking_uri
+from medmtl.tracking.registry import EVAL_SET_TAG, eval_set_fingerprint
+from medmtl.tracking.store import apply_http_settings, ensure_experiment, resolve_tracking_uri
+from medmtl.tracking.system_metrics import start_system_metrics
+from medmtl.training.checkpoint import load_checkpoint
+from medmtl.training.distributed import init_distributed
+from medmtl.training.precision import resolve_device
 from medmtl.training.trainer import Trainer
 
 
@@ -48,43 +55,83 @@ def ensure_plan(data_dir: Path) -> Path:
     return path
 
 
-def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progress: bool = True) -> TrainResult:
-    """Train ``cfg`` end to end and return the MLflow run id and held-out Dice."""
+def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progress: bool = True,
+                 resume: str | Path | None = None) -> TrainResult:
+    """Train ``cfg`` end to end and return the MLflow run id and held-out Dice.
+
+    Under ``torchrun`` every rank trains on its shard; only rank 0 talks to MLflow and writes
+    checkpoints. ``resume`` (a ``last.pt``) continues the same MLflow run without duplicated steps.
+    """
+    ctx = init_distributed(resolve_device(cfg.train.device).type)
     data_dir, split = load_split(cfg)
     plan_path = ensure_plan(data_dir)
     plan = load_plan(plan_path)
-    tracking_uri, artifact_root = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    experiment_id = ensure_experiment(cfg.tracking.experiment, tracking_uri, artifact_root)
-    tags = {
-        "medmtl.version": medmtl.__version__, "medmtl.code_version": _code_version(),
-        "medmtl.manifest_sha": _sha(data_dir / "manifest.jsonl"), "medmtl.plan_sha": _sha(plan_path),
-        "medmtl.precision": cfg.train.precision, "medmtl.world_size": "1",
-        "medmtl.sharing": "+".join(m.kind for m in cfg.sharing) or "single_task", "medmtl.weighting": cfg.weighting.method,
-    }
-    logger = RunLogger(tracking_uri=tracking_uri, experiment_id=experiment_id, run_name=cfg.name, tags=tags)
+    state = load_checkpoint(resume) if resume is not None else None
+    tracking_uri, run_id, logged = "", None, {}
+    logger: RunLogger | NullLogger = NullLogger()
+    sampler = None
+    if ctx.is_main:
+        apply_http_settings(cfg.tracking)  # bounded timeouts and retries for every MLflow request of this process
+        tracking_uri, artifact_root = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        # creates the embedded store once, here, before the trainer and its loader workers exist
+        experiment_id = ensure_experiment(cfg.tracking.experiment, tracking_uri, artifact_root)
+        # the run's spool (records not yet on the server) lives beside its checkpoints: <out_dir>/<run_id>/mlflow_spool
+        spool_root = Path(resume).parent.parent if resume is not None else Path(out_dir)
+        if state is not None:
+            logger = RunLogger(tracking_uri=tracking_uri, experiment_id=experiment_id, run_name=cfg.name, run_id=state["run_id"],
+                               spool_root=spool_root, settings=cfg.tracking)
+            logged = last_logged_steps(tracking_uri, state["run_id"], spool_root=spool_root)
+        else:
+            tags = {**_tags(cfg, data_dir, plan_path, ctx), EVAL_SET_TAG: eval_set_fingerprint(split.val)}
+            logger = RunLogger(tracking_uri=tracking_uri, experiment_id=experiment_id, run_name=cfg.name, tags=tags,
+                               spool_root=spool_root, settings=cfg.tracking)
+        run_id = logger.run_id
+        sampler = start_system_metrics(logger, cfg.tracking)
     try:
-        logger.log_params(flatten_config(cfg))
-        logger.log_text(config_to_yaml(cfg), "config.yaml")
-        logger.log_artifact(plan_path)
-        logger.log_dict(_ingest_summary(data_dir, split), "ingest_summary.json")
-        trainer = Trainer(cfg=cfg, plan=plan, split=split, data_dir=data_dir, logger=logger,
-                          out_dir=Path(out_dir) / logger.run_id, progress=progress)
+        if ctx.is_main and state is None:
+            logger.log_params(flatten_config(cfg))
+            logger.log_text(config_to_yaml(cfg), "config.yaml")
+            logger.log_artifact(plan_path)
+            logger.log_dict(_ingest_summary(data_dir, split), "ingest_summary.json")
+        ckpt_dir = Path(resume).parent if resume is not None else Path(out_dir) / (run_id or "rank")
+        trainer = Trainer(cfg=cfg, plan=plan, split=split, data_dir=data_dir, logger=logger, out_dir=ckpt_dir,
+                          progress=progress, dist_ctx=ctx, run_id=run_id, logged_steps=logged)
+        if state is not None:
+            trainer.load_state_dict(state)
         summary = trainer.train()
         test = summary.validation if summary.validation is not None else trainer.validate()
-        logger.log_metrics(test.metrics(prefix="test/"), step=summary.steps)
-        logger.log_dict({"per_case": test.per_case, "mean_dice": test.mean_dice}, "evaluation/test_dice.json")
-        logger.log_metrics({"train/seconds": summary.seconds, "train/skipped_steps": summary.skipped_steps}, step=summary.steps)
-        logger.flush()
         model_uri = None
-        if cfg.tracking.log_model:
-            names = list(dict.fromkeys(list(cfg.data.labels["ct"].values()) + list(cfg.data.labels["mr"].values())))
-            model_uri = log_segmentation_model(run_id=logger.run_id, tracking_uri=tracking_uri, net=trainer.net,
-                                               cfg_yaml=config_to_yaml(cfg), plan=plan.to_dict(), class_names=names)
-        logger.end("FINISHED")
+        if ctx.is_main:
+            logger.log_metrics(test.metrics(prefix="test/"), step=summary.steps)
+            logger.log_dict({"per_case": test.per_case, "mean_dice": test.mean_dice}, "evaluation/test_dice.json")
+            logger.log_metrics({"train/seconds": summary.seconds, "train/skipped_steps": summary.skipped_steps}, step=summary.steps)
+            log_history_plots(logger, summary.history)
+            log_overlays(logger, Segmenter(trainer.net, cfg, plan, device=trainer.device), split.val, data_dir, cfg.data.labels,
+                         max_cases=cfg.tracking.overlay_cases)
+            if sampler is not None:
+                sampler.stop()
+            logger.sync()  # give a server that is down a bounded chance to come back before the model upload
+            if cfg.tracking.log_model:
+                names = list(dict.fromkeys(list(cfg.data.labels["ct"].values()) + list(cfg.data.labels["mr"].values())))
+                model_uri = log_segmentation_model(run_id=logger.run_id, tracking_uri=tracking_uri, net=trainer.net,
+                                                   cfg_yaml=config_to_yaml(cfg), plan=plan.to_dict(), class_names=names)
+            logger.end("FINISHED")
     except BaseException:
-        logger.end("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
+        if sampler is not None:
+            sampler.stop()
+        if ctx.is_main:
+            logger.end("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
         raise
-    return TrainResult(run_id=logger.run_id, tracking_uri=tracking_uri, model_uri=model_uri, test_dice=test.mean_dice)
+    return TrainResult(run_id=run_id or "", tracking_uri=tracking_uri, model_uri=model_uri, test_dice=test.mean_dice)
+
+
+def _tags(cfg: ExperimentConfig, data_dir: Path, plan_path: Path, ctx) -> dict[str, str]:
+    return {
+        "medmtl.version": medmtl.__version__, "medmtl.code_version": _code_version(),
+        "medmtl.manifest_sha": _sha(data_dir / "manifest.jsonl"), "medmtl.plan_sha": _sha(plan_path),
+        "medmtl.precision": cfg.train.precision, "medmtl.world_size": str(ctx.world_size),
+        "medmtl.sharing": "+".join(m.kind for m in cfg.sharing) or "single_task", "medmtl.weighting": cfg.weighting.method,
+    }
 
 
 def _ingest_summary(data_dir: Path, split) -> dict:

@@ -79,9 +79,10 @@ class EndlessSampler(Sampler[int]):
         pos = self.drawn * self.world_size + self.rank
         while True:
             p, i = divmod(pos, self.n)
-            yield int(self._perm(p)[i])
+            # count before yielding: a generator resumes only when the next index is asked for
             self.drawn += 1
             pos += self.world_size
+            yield int(self._perm(p)[i])
 
     def state_dict(self) -> dict:
         """Indices drawn so far (enough to resume the same order)."""

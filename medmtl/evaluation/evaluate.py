@@ -24,6 +24,19 @@ class Evaluation:
     per_case: list[dict] = field(default_factory=list)
     mean_dice: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    @classmethod
+    def from_per_case(cls, per_case: list[dict], labels: dict[str, dict[int, str]]) -> "Evaluation":
+        """Means per class and modality from per-case rows (e.g. gathered from several ranks)."""
+        ev = cls(per_case=list(per_case))
+        for m, mapping in labels.items():
+            rows = [r for r in per_case if r["modality"] == m]
+            if not rows:
+                continue
+            per_class = {n: mean_ignoring_nan([r[n] for r in rows]) for n in mapping.values()}
+            per_class["mean"] = mean_ignoring_nan(list(per_class.values()))
+            ev.mean_dice[m] = per_class
+        return ev
+
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Flat ``{prefix}dice/<modality>/<class>`` and ``{prefix}dice/<modality>/mean`` values."""
         out = {}
@@ -40,7 +53,6 @@ def evaluate_cases(segmenter: Segmenter, entries: dict[str, list[ManifestEntry]]
     for m, items in entries.items():
         names = list(labels[m].values())
         remap = RemapLabels(labels[m])
-        scores = []
         for e in items:
             pred = segmenter.predict(data_dir / e.image, m)
             ref_img = nib.load(str(data_dir / e.label))
@@ -48,10 +60,5 @@ def evaluate_cases(segmenter: Segmenter, entries: dict[str, list[ManifestEntry]]
             if not np.allclose(ref_img.affine, pred.affine, atol=1e-3):
                 raise ValueError(f"{e.label}: prediction affine differs from the reference mask's; the image and mask grids disagree")
             d = dice_per_class(pred.class_indices, ref, len(names))
-            scores.append(d)
             ev.per_case.append({"case_id": e.case_id, "series_key": e.series_key, "modality": m, **{n: float(v) for n, v in zip(names, d)}})
-        arr = np.asarray(scores)
-        per_class = {n: mean_ignoring_nan(arr[:, i]) for i, n in enumerate(names)}
-        per_class["mean"] = mean_ignoring_nan(list(per_class.values()))
-        ev.mean_dice[m] = per_class
-    return ev
+    return Evaluation.from_per_case(ev.per_case, {m: labels[m] for m in entries})

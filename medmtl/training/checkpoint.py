@@ -6,13 +6,15 @@ Weights are stored as plain tensors so that they load with ``torch.load(weights_
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng", "random_states_of"]
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -36,3 +38,76 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------ random-number states
+# Checkpoints load with weights_only=True, which admits tensors and plain containers only, so every
+# generator state is stored as tensors and ints.
+
+
+def _np_state_to_plain(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _np_state_from_plain(d: dict[str, Any]) -> tuple:
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+def random_states_of(root: Any) -> list[np.random.RandomState]:
+    """Every ``numpy.random.RandomState`` reachable from ``root`` (a MONAI ``Compose`` and its transforms).
+
+    MONAI dictionary transforms often hold an array transform with a generator of its own, so the
+    walk follows attributes, lists and dicts, in a deterministic order.
+    """
+    found: list[np.random.RandomState] = []
+    seen: set[int] = set()
+
+    def walk(obj: Any, depth: int) -> None:
+        if id(obj) in seen or depth > 6:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, np.random.RandomState):
+            found.append(obj)
+            return
+        if isinstance(obj, (list, tuple)):
+            for x in obj:
+                walk(x, depth + 1)
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                walk(obj[k], depth + 1)
+        elif type(obj).__module__.startswith(("monai", "medmtl")) and hasattr(obj, "__dict__"):
+            for k in sorted(vars(obj)):
+                walk(vars(obj)[k], depth + 1)
+
+    walk(root, 0)
+    return found
+
+
+def capture_rng(transforms: dict[str, Any]) -> dict[str, Any]:
+    """Global (Python, NumPy, torch) generator states plus those of each named transform chain."""
+    return {
+        "python": random.getstate(),
+        "numpy": _np_state_to_plain(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "transforms": {name: [_np_state_to_plain(r.get_state()) for r in random_states_of(t)] for name, t in transforms.items()},
+    }
+
+
+def restore_rng(state: dict[str, Any], transforms: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`; the chains must have the same structure as when captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(_np_state_from_plain(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, t in transforms.items():
+        gens = random_states_of(t)
+        saved = state["transforms"][name]
+        if len(gens) != len(saved):
+            raise ValueError(f"checkpoint holds {len(saved)} generator states for the {name} transforms, the chain has {len(gens)}; resume with the same config")
+        for r, s in zip(gens, saved):
+            r.set_state(_np_state_from_plain(s))

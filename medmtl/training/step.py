@@ -1,9 +1,10 @@
 """One optimizer step of joint CT+MR training, with the hard parts in one place.
 
-Order: for each task, forward its batch and back-propagate its weighted term ``w_i L_i`` (the two
-graphs are disjoint, so each task's gradient on GradNorm's ``W`` is read between the two backward
-passes at no extra cost); back-propagate the sharing penalties; unscale (fp16); skip the step if any
-gradient is non-finite; clip; step; then let the weighting method update from the measured norms.
+Order: for each task the weighting method selects (all, unless it drops one for this step), forward
+its batch and back-propagate its weighted term ``w_i L_i`` (the two graphs are disjoint, so each task's
+gradient on GradNorm's ``W`` is read between the two backward passes at no extra cost); back-propagate
+the sharing penalties; unscale (fp16); skip the step if any gradient is non-finite; clip; step; then
+let the weighting method update from the measured norms.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from medmtl.training.distributed import DistributedContext, all_reduce_mean, average_gradients
 from medmtl.training.precision import Precision
 from medmtl.weighting.base import LossWeighting
 
@@ -34,8 +36,9 @@ class StepResult:
 class GradientProbe:
     """Reads ``||grad_W (w_i L_i)||`` for each task from the gradient accumulated between backward passes."""
 
-    def __init__(self, params: list[nn.Parameter]) -> None:
+    def __init__(self, params: list[nn.Parameter], ctx: DistributedContext | None = None) -> None:
         self.params = params
+        self.ctx = ctx or DistributedContext()
         self._prev: list[torch.Tensor] | None = None
 
     def reset(self) -> None:
@@ -43,11 +46,33 @@ class GradientProbe:
         self._prev = None
 
     def read(self, scale: float) -> float:
-        """Norm of the gradient added to ``W`` since the last read, divided by the loss scale."""
+        """Norm of the gradient added to ``W`` since the last read, divided by the loss scale.
+
+        Under data parallelism the task's gradient on ``W`` is averaged over ranks first (a small
+        all-reduce of ``W``'s size), so the norm is that of the all-reduced gradient on every rank.
+        """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         delta = grads if self._prev is None else torch._foreach_sub(grads, self._prev)
         self._prev = [g.detach().clone() for g in grads]
+        if scale != 1.0:
+            # unscale before the norm: with a large loss scale the sum of squares of finite scaled
+            # gradients overflows fp32 although the gradients themselves do not
+            delta, scale = torch._foreach_div(delta, scale), 1.0
+        if self.ctx.enabled:
+            flat = all_reduce_mean(torch.cat([d.reshape(-1) for d in delta]), self.ctx)
+            return float(torch.linalg.vector_norm(flat)) / scale
         return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(delta)))) / scale
+
+
+def _unique_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
 def train_step(
@@ -61,6 +86,7 @@ def train_step(
     grad_clip: float | None,
     probe: GradientProbe | None = None,
     device: torch.device,
+    dist_ctx: DistributedContext | None = None,
 ) -> StepResult:
     """Run one step on ``{"ct": {"image", "label"}, "mr": {...}}`` and return what happened."""
     optimizer.zero_grad(set_to_none=True)
@@ -69,7 +95,9 @@ def train_step(
     scaler = precision.scaler
     losses: dict[str, float] = {}
     norms: dict[str, float] = {}
-    for task, b in batch.items():
+    # a method may drop a task for this step (DST); a dropped task is not forwarded at all
+    for task in weighting.select_tasks(tuple(batch)):
+        b = batch[task]
         x = b["image"].to(device, non_blocking=True)
         y = b["label"].to(device, non_blocking=True)
         with precision.autocast():
@@ -80,11 +108,19 @@ def train_step(
         losses[task] = float(loss.detach())
         if probe is not None:
             norms[task] = probe.read(precision.loss_scale)
+    ctx = dist_ctx or DistributedContext()
+    params = _unique_params(optimizer)
+    # one all-reduce per step, after both tasks; penalties need none (parameters are identical on all ranks)
+    average_gradients(params, ctx)
+    if ctx.enabled:
+        # every rank feeds the weighting method the same (rank-averaged) losses -> identical task weights
+        mean = all_reduce_mean(torch.tensor([losses[t] for t in losses], dtype=torch.float64), ctx)
+        losses = {t: float(v) for t, v in zip(losses, mean)}
     penalties = net.penalties()
     if penalties:
         scaler.scale(torch.stack(list(penalties.values())).sum()).backward()
     scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    params = [p for p in params if p.grad is not None]
     total = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf, foreach=True)
     finite = bool(torch.isfinite(total))
     if scaler.is_enabled():

@@ -6,6 +6,7 @@ parts (data stream, net, optimizer groups, poly schedule, weighting, precision, 
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from medmtl.data.plan import Plan
 from medmtl.evaluation.evaluate import Evaluation, evaluate_cases
 from medmtl.evaluation.inference import Segmenter
 from medmtl.models.two_column import MODALITIES, TwoColumnNet
-from medmtl.training.checkpoint import save_checkpoint
+from medmtl.training.checkpoint import capture_rng, restore_rng, save_checkpoint
+from medmtl.training.distributed import DistributedContext, check_in_sync
 from medmtl.training.precision import Precision, resolve_device
 from medmtl.training.step import GradientProbe, StepResult, train_step
 from medmtl.weighting import build_weighting
@@ -65,38 +67,88 @@ class Trainer:
         plan: dataset plan (spacing, intensity statistics).
         split: training and held-out entries per modality.
         data_dir: the ingested dataset folder.
-        logger: a :class:`~medmtl.tracking.logger.RunLogger` or :class:`~medmtl.tracking.logger.NullLogger`.
-        out_dir: where checkpoints go.
+        logger: a :class:`~medmtl.tracking.logger.RunLogger` on rank 0, a :class:`~medmtl.tracking.logger.NullLogger` elsewhere.
+        out_dir: where checkpoints go (``last.pt`` every ``train.checkpoint_every`` steps, ``best.pt``).
+        dist_ctx: rank and world size (:func:`~medmtl.training.distributed.init_distributed`).
+        run_id: the MLflow run id, stored in checkpoints so that a resume continues the same run.
+        logged_steps: per metric key, the last step already in the tracking store (a resumed run
+            skips those points instead of logging them twice).
     """
 
-    def __init__(self, *, cfg: ExperimentConfig, plan: Plan, split: Split, data_dir: str | Path, logger, out_dir: str | Path, progress: bool = True) -> None:
+    def __init__(self, *, cfg: ExperimentConfig, plan: Plan, split: Split, data_dir: str | Path, logger, out_dir: str | Path,
+                 progress: bool = True, dist_ctx: DistributedContext | None = None, run_id: str | None = None,
+                 logged_steps: dict[str, int] | None = None) -> None:
         self.cfg, self.plan, self.split = cfg, plan, split
         self.data_dir, self.logger, self.out_dir = Path(data_dir), logger, Path(out_dir)
-        self.progress = progress
+        self.dist = dist_ctx or DistributedContext()
+        self.progress = progress and self.dist.is_main
+        self.run_id = run_id
+        self.logged_steps = dict(logged_steps or {})
         self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.precision = Precision(cfg.train.precision, self.device)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # same initial weights on every rank
         self.net = TwoColumnNet(cfg=cfg).to(self.device)
         self.weighting = build_weighting(cfg.weighting, MODALITIES).to(self.device)
         self.optimizer = build_optimizer(cfg, self.net, self.weighting.param_groups())
         steps, power = cfg.train.steps, cfg.train.poly_power
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(0.0, 1.0 - s / steps) ** power)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
-        self.probe = GradientProbe(self.net.depth_parameters(cfg.weighting.depth)) if self.weighting.needs_grad_norms else None
-        self.stream = build_training_stream(cfg, plan, split, data_dir=self.data_dir)
+        self.probe = GradientProbe(self.net.depth_parameters(cfg.weighting.depth), self.dist) if self.weighting.needs_grad_norms else None
+        self.stream = build_training_stream(cfg, plan, split, data_dir=self.data_dir, rank=self.dist.rank, world_size=self.dist.world_size)
         self.step = 0
         self.skipped = 0
+        self.best_score = -math.inf
+        self.history: list[dict[str, float]] = []
+
+    # ---------------------------------------------------------------------------------- state
+    def _transform_chains(self) -> dict:
+        return {m: loader.dataset.transform for m, loader in self.stream.loaders.items()}
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: weights, optimizer, schedule, weighting, scaler, sampler positions."""
+        """Everything needed to resume exactly: weights, optimizer, schedule, weighting, scaler,
+        sampler positions, random-number states, step, best score and the MLflow run id."""
         return {
-            "step": self.step, "skipped": self.skipped, "net": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "weighting": self.weighting.state_dict(), "scaler": self.precision.scaler.state_dict(),
-            "stream": self.stream.state_dict(),
+            "step": self.step, "skipped": self.skipped, "best_score": self.best_score, "run_id": self.run_id,
+            "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "weighting": self.weighting.state_dict(),
+            "scaler": self.precision.scaler.state_dict(), "stream": self.stream.state_dict(),
+            "rng": capture_rng(self._transform_chains()),
         }
 
-    def _log_step(self, r: StepResult) -> dict[str, float]:
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (from :func:`~medmtl.training.checkpoint.load_checkpoint`)."""
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.weighting.load_state_dict(state["weighting"])
+        if state["scaler"]:
+            self.precision.scaler.load_state_dict(state["scaler"])
+        self.stream.load_state_dict(state["stream"])
+        restore_rng(state["rng"], self._transform_chains())
+        self.step, self.skipped, self.best_score = int(state["step"]), int(state["skipped"]), float(state["best_score"])
+        self.run_id = state.get("run_id") or self.run_id
+
+    def save(self, name: str) -> Path | None:
+        """Write ``out_dir/name`` atomically (rank 0 only)."""
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(self.out_dir / name, self.state_dict())
+
+    def check_in_sync(self) -> str:
+        """Digest of the weights and task weights; under DDP, raises unless identical on every rank."""
+        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        tensors.update({f"weighting.{k}": v for k, v in self.weighting.state_dict().items() if isinstance(v, torch.Tensor)})
+        return check_in_sync(tensors, self.dist, "model and task weights")
+
+    # -------------------------------------------------------------------------------- logging
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > self.logged_steps.get(k, -1)}
+        if fresh:
+            self.logger.log_metrics(fresh, step=step)
+
+    def _step_metrics(self, r: StepResult) -> dict[str, float]:
         m: dict[str, float] = {f"loss/{t}": v for t, v in r.losses.items()}
         m.update({f"penalty/{k}": v for k, v in r.penalties.items()})
         m["grad_norm"] = r.grad_norm
@@ -106,15 +158,29 @@ class Trainer:
         m.update(self.net.sharing_log_values())
         return m
 
+    # ----------------------------------------------------------------------------- validation
     def validate(self) -> Evaluation:
-        """Dice per class per modality on the held-out cases (original grids)."""
+        """Dice per class per modality on the held-out cases (original grids), sharded over ranks."""
         seg = Segmenter(self.net, self.cfg, self.plan, device=self.device)
-        return evaluate_cases(seg, self.split.val, self.data_dir, self.cfg.data.labels)
+        shard = {m: items[self.dist.rank :: self.dist.world_size] for m, items in self.split.val.items()}
+        ev = evaluate_cases(seg, shard, self.data_dir, self.cfg.data.labels)
+        if self.dist.enabled:
+            gathered: list = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, ev.per_case)
+            ev = Evaluation.from_per_case([c for part in gathered for c in part], self.cfg.data.labels)
+        return ev
 
+    @staticmethod
+    def score(ev: Evaluation) -> float:
+        """Model-selection score: the mean over modalities of the mean Dice over classes."""
+        vals = [d["mean"] for d in ev.mean_dice.values() if math.isfinite(d["mean"])]
+        return float(np.mean(vals)) if vals else -math.inf
+
+    # ------------------------------------------------------------------------------------ loop
     def train(self) -> TrainSummary:
-        """Run ``train.steps`` steps, validating every ``train.val_every`` steps and at the end."""
+        """Run until ``train.steps``, validating every ``val_every`` steps and checkpointing every
+        ``checkpoint_every`` steps (and ``best.pt`` on a better validation score)."""
         t = self.cfg.train
-        history: list[dict[str, float]] = []
         started = time.perf_counter()
         ev: Evaluation | None = None
         bar = None
@@ -128,27 +194,37 @@ class Trainer:
             batch = next(self.stream)
             last = train_step(
                 net=self.net, batch=batch, loss_fn=self.loss_fn, weighting=self.weighting, optimizer=self.optimizer,
-                precision=self.precision, grad_clip=t.grad_clip, probe=self.probe, device=self.device,
+                precision=self.precision, grad_clip=t.grad_clip, probe=self.probe, device=self.device, dist_ctx=self.dist,
             )
             self.skipped += 0 if last.applied else 1
             self.scheduler.step()
             self.step += 1
-            metrics = self._log_step(last)
-            history.append(metrics)
+            metrics = self._step_metrics(last)
+            self.history.append({"step": float(self.step), **metrics})
             if self.step % t.log_every == 0 or self.step == t.steps:
-                self.logger.log_metrics(metrics, step=self.step)
+                self._log(metrics, self.step)
+            else:
+                # every step's task weights and weighting internals reach the tracker (buffered, sent in batches)
+                self._log({k: metrics[k] for k in self.weighting.log_values()}, self.step)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("loss/")})
             if self.step % t.val_every == 0 or self.step == t.steps:
                 ev = self.validate()
-                self.logger.log_metrics(ev.metrics(prefix="val/"), step=self.step)
+                self._log(ev.metrics(prefix="val/"), self.step)
+                if self.score(ev) > self.best_score:
+                    self.best_score = self.score(ev)
+                    self.save("best.pt")
                 self.net.train()
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                self.check_in_sync()
+                # metrics up to this step are handed over before the checkpoint that claims them
+                self.logger.flush()
+                self.save("last.pt")
         if bar is not None:
             bar.close()
-        save_checkpoint(self.out_dir / "last.pt", self.state_dict())
         self.logger.flush()
         return TrainSummary(
             steps=self.step, skipped_steps=self.skipped, seconds=time.perf_counter() - started,
-            final_losses=last.losses if last else {}, validation=ev, history=history,
+            final_losses=last.losses if last else {}, validation=ev, history=self.history,
         )
