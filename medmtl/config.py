@@ -193,6 +193,7 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast policy: bf16 on CPU or CUDA, fp16 (with GradScaler) on CUDA only")
     val_every: int = Field(100, ge=1, description="validate every N steps (and at the end)")
     log_every: int = Field(10, ge=1, description="send step metrics to the tracker every N steps (batched)")
+    checkpoint_every: int = Field(50, ge=1, description="write DIR/last.pt every N steps (and at the end); best.pt on each better validation score")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
 
     @field_validator("batch_size")
