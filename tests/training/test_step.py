@@ -65,3 +65,38 @@ def test_bf16_autocast_runs_on_cpu_and_fp16_is_refused_there():
 
     with pytest.raises(ValueError, match="train.precision=fp16"):
         Precision("fp16", torch.device("cpu"))
+
+
+def test_fp16_overflow_step_is_skipped_counted_and_leaves_weighting_untouched():
+    """The fp16 path on CPU: a GradScaler (CPU device) with a gradient that overflows to inf."""
+    import pytest
+
+    from medmtl.config import validate_config
+    from medmtl.training.step import GradientProbe
+
+    torch.manual_seed(0)
+    cfg = validate_config({"model": {"channels": [4, 8, 16], "num_res_units": 0}, "weighting": {"method": "gradnorm"}})
+    net = TwoColumnNet(cfg=cfg)
+    weighting = build_weighting(cfg.weighting, ("ct", "mr"))
+    precision = Precision("fp32", torch.device("cpu"))
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # what fp16 uses on CUDA
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    w_before = weighting.w.detach().clone()
+    target = net.columns["mr"].stages["enc0"].block.conv.weight
+    handle = target.register_hook(lambda g: g * float("inf"))  # an fp16 overflow in the MR backward
+    res = train_step(net=net, batch=_batch(), loss_fn=DiceCELoss(to_onehot_y=True, softmax=True), weighting=weighting,
+                     optimizer=opt, precision=precision, grad_clip=12.0, probe=GradientProbe(net.depth_parameters("bottleneck")),
+                     device=torch.device("cpu"))
+    handle.remove()
+    assert not res.applied
+    assert precision.scaler.get_scale() == pytest.approx(2.0**15)  # the scaler backed off
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    torch.testing.assert_close(weighting.w.detach(), w_before, rtol=0, atol=0)
+    # the norms handed to GradNorm are of unscaled gradients: divide by the loss scale of that step
+    assert res.task_grad_norms["ct"] < 1e3
+    res = train_step(net=net, batch=_batch(), loss_fn=DiceCELoss(to_onehot_y=True, softmax=True), weighting=weighting,
+                     optimizer=opt, precision=precision, grad_clip=12.0, probe=GradientProbe(net.depth_parameters("bottleneck")),
+                     device=torch.device("cpu"))
+    assert res.applied and not torch.equal(weighting.w.detach(), w_before)
