@@ -37,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="DATA_DIR to write")
     p.add_argument("--labels", default=None, help="folder of <SeriesInstanceUID>.nii.gz masks (or a CSV series_uid,label_path)")
     p.add_argument("--workers", type=int, default=None, help="header-reading threads")
+    p.add_argument("--source", choices=["auto", "dicom", "nnunet"], default="auto", help="auto: an nnU-Net raw dataset when dataset.json and imagesTr/ exist, else DICOM")
+    p.add_argument("--config", default=None, help="experiment YAML whose data.labels name the classes (maps DICOM SEG segments and nnU-Net labels by name)")
 
     p = sub.add_parser("plan", help="fingerprint DATA_DIR and write DATA_DIR/plan.json")
     p.add_argument("data_dir")
+    p.add_argument("--config", default=None, help="experiment YAML whose model and memory budget size the planned patch and batch")
 
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True)
@@ -50,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--out", default="runs", help="folder for checkpoints (one subfolder per MLflow run)")
     p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue from a last.pt (same MLflow run, same data order)")
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 per class on the run's held-out cases, logged to the run with overlays")
+    p.add_argument("run_id")
+    p.add_argument("--data-root", default=None, help="DATA_DIR if it moved since training")
+    p.add_argument("--overlays", type=int, default=2, help="overlay pictures per modality")
+
+    p = sub.add_parser("compare", help="delta_m of multi-task runs against single-task baselines")
+    p.add_argument("run_ids", nargs="+")
+    p.add_argument("--baseline", nargs="+", required=True, metavar="STL_RUN_ID")
 
     p = sub.add_parser("register", help="register a run's model as a new version (alias challenger)")
     p.add_argument("run_id")
@@ -90,7 +102,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "ingest":
         from medmtl.data.ingest import ingest
 
-        report = ingest(args.export_dir, args.out, labels_dir=args.labels, workers=args.workers, progress=True)
+        names = load_config(args.config).data.labels if args.config else None
+        report = ingest(args.export_dir, args.out, labels_dir=args.labels, workers=args.workers, progress=True,
+                        source=args.source, label_names=names)
         print(report.summary())
         return 0
     if args.command == "plan":
@@ -99,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         path = Path(args.data_dir) / "plan.json"
         if path.exists():
             path.unlink()
-        print(f"wrote {ensure_plan(Path(args.data_dir))}")
+        print(f"wrote {ensure_plan(Path(args.data_dir), load_config(args.config) if args.config else None)}")
         return 0
     if args.command == "config":
         cfg = load_config(args.config, args.overrides)
@@ -115,6 +129,23 @@ def _run(args: argparse.Namespace) -> int:
         print(f"run id: {res.run_id}")
         for m, d in res.test_dice.items():
             print(f"  {m.upper()}: " + "  ".join(f"{k} {v:.3f}" for k, v in d.items()))
+        return 0
+    if args.command == "evaluate":
+        from pipelines.evaluate import run_evaluation
+
+        res = run_evaluation(args.run_id, data_root=args.data_root, overlays=args.overlays)
+        for m in res.dice:
+            print(f"  {m.upper()} Dice: " + "  ".join(f"{k} {v:.3f}" for k, v in res.dice[m].items()))
+            print(f"  {m.upper()} HD95: " + "  ".join(f"{k} {v:.1f}" for k, v in res.hd95[m].items()) + " (mm)")
+        return 0
+    if args.command == "compare":
+        from pipelines.compare import run_compare
+
+        d = run_compare(args.run_ids, args.baseline)
+        print(f"delta_m = {d.value:+.2f}% (mean over tasks of the relative change; positive = better than single-task)")
+        for t, v in d.per_task.items():
+            flag = "  <- negative transfer" if v < 0 else ""
+            print(f"  {t.upper()}: {v:+.2f}%  " + "  ".join(f"{j} {x:+.2f}%" for j, x in d.per_metric[t].items()) + flag)
         return 0
     if args.command == "register":
         from medmtl.tracking.registry import register_run_model
@@ -172,11 +203,12 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medmtl`` console command."""
     from medmtl.config import ConfigError
+    from medmtl.data.ingest import IngestError
 
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, LookupError) as err:
+    except (ConfigError, IngestError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, LookupError, ConnectionError) as err:
         print(f"medmtl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -51,6 +51,7 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of each modality's labelled cases held out for validation and evaluation")
     cache: Literal["memory", "none"] = Field("memory", description="cache the deterministic part of the transform chain in memory (CacheDataset) or not at all")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per modality")
+    augment_on_device: bool = Field(True, description="on CUDA, move the cached tensors to the GPU (ToDeviced after the cached part) so patch sampling and augmentation run there; the loader then runs in threads, without worker processes")
     labels: dict[Literal["ct", "mr"], dict[int, str]] = Field(
         default_factory=lambda: {
             "ct": {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right"},
@@ -72,6 +73,30 @@ class DataConfig(_Strict):
         return v
 
 
+class AlbumentationsConfig(_Strict):
+    """Slice-consistent in-plane augmentation with albumentations: one draw of parameters per patch, applied
+    to every axial slice of the image and its mask; intensity limits are fractions of the patch's range."""
+
+    enabled: bool = Field(False, description="apply the albumentations augmentation to training patches (after patch sampling)")
+    p: float = Field(0.5, ge=0.0, le=1.0, description="probability that a patch is augmented at all")
+    affine_p: float = Field(0.5, ge=0.0, le=1.0, description="probability of the in-plane affine (rotation, scale, translation)")
+    rotate_deg: float = Field(15.0, ge=0.0, le=180.0, description="in-plane rotation range +- degrees")
+    scale: tuple[float, float] = Field((0.9, 1.1), description="in-plane zoom range (min, max)")
+    translate: float = Field(0.05, ge=0.0, le=0.5, description="in-plane shift range +- as a fraction of the slice size")
+    grid_distortion_p: float = Field(0.2, ge=0.0, le=1.0, description="probability of a grid distortion")
+    grid_distort_limit: float = Field(0.2, ge=0.0, le=1.0, description="grid distortion strength (albumentations distort_limit)")
+    elastic_p: float = Field(0.0, ge=0.0, le=1.0, description="probability of an elastic deformation (slowest of the geometric ones)")
+    elastic_alpha: float = Field(20.0, ge=0.0, description="elastic displacement scale in pixels")
+    elastic_sigma: float = Field(5.0, gt=0.0, description="elastic displacement smoothness (Gaussian sigma in pixels)")
+    brightness_contrast_p: float = Field(0.3, ge=0.0, le=1.0, description="probability of a brightness and contrast change")
+    brightness_limit: float = Field(0.1, ge=0.0, le=1.0, description="brightness shift range +- (fraction of the patch's intensity range)")
+    contrast_limit: float = Field(0.1, ge=0.0, le=1.0, description="contrast factor range 1 +- this")
+    gamma_p: float = Field(0.3, ge=0.0, le=1.0, description="probability of a gamma change")
+    gamma_limit: tuple[float, float] = Field((80.0, 120.0), description="gamma range in percent (100 = identity)")
+    noise_p: float = Field(0.15, ge=0.0, le=1.0, description="probability of Gaussian noise (independent per voxel)")
+    noise_std: tuple[float, float] = Field((0.01, 0.05), description="noise standard deviation range (fraction of the patch's intensity range)")
+
+
 class PreprocessConfig(_Strict):
     """Deterministic preprocessing and patch sampling; values left null are taken from the plan."""
 
@@ -80,14 +105,19 @@ class PreprocessConfig(_Strict):
         description="per modality resampling spacing in mm (RAS order); null = planned from the data",
     )
     ct_window: tuple[float, float] | None = Field(None, description="CT clip window in HU; null = planned (0.5 and 99.5 foreground percentiles)")
-    patch_size: tuple[int, int, int] = Field((64, 64, 32), description="training patch size in voxels (RAS order)")
+    patch_size: tuple[int, int, int] | None = Field((64, 64, 32), description="training and sliding-window patch size in voxels (RAS order), for both modalities; null = planned per modality from memory_budget_mb")
+    memory_budget_mb: float = Field(8192.0, gt=0.0, description="accelerator memory for the activations of one modality's training batch (estimate: saved activations per voxel of the model x patch voxels x batch x paths); sets the planned patch and batch size")
+    min_batch_size: int = Field(2, ge=1, description="smallest planned batch per modality (nnU-Net: 2); the patch shrinks until it fits the budget")
+    max_batch_fraction: float = Field(0.05, gt=0.0, le=1.0, description="planned batch covers at most this fraction of a modality's voxels (nnU-Net: 5%, against overfitting)")
+    fg_samples_per_image: int = Field(100_000, ge=100, description="CT foreground voxels sampled per image for the intensity percentiles (all of them when fewer)")
     pos_fraction: float = Field(0.67, ge=0.0, le=1.0, description="fraction of patches centred on a foreground class (spread evenly over classes)")
     augment: bool = Field(True, description="random 3D affine and intensity augmentation on training patches")
+    albumentations: AlbumentationsConfig = Field(default_factory=AlbumentationsConfig, description="slice-consistent in-plane augmentation with albumentations")
 
     @field_validator("patch_size")
     @classmethod
-    def _patch_divisible(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(p < 8 for p in v):
+    def _patch_divisible(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and any(p < 8 for p in v):
             raise ValueError("every patch dimension must be at least 8 voxels")
         return v
 
@@ -101,6 +131,7 @@ class ModelConfig(_Strict):
     norm: Literal["instance", "batch", "group"] = Field("instance", description="normalization layer of every stage")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability inside the stages")
     in_channels: int = Field(1, ge=1, description="image channels per modality")
+    deep_supervision_depths: list[str] = Field(default_factory=list, description="decoder depths (dec1, dec2, ...) that get an auxiliary head per modality; loss weights halve per level as in nnU-Net, normalized to sum 1; empty = no deep supervision")
 
     @property
     def depth_names(self) -> list[str]:
@@ -108,9 +139,51 @@ class ModelConfig(_Strict):
         k = len(self.channels)
         return [f"enc{i}" for i in range(k - 1)] + ["bottleneck"] + [f"dec{i}" for i in reversed(range(k - 1))]
 
+    def depth_shapes(self, patch_size: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Output shape ``(C, D, H, W)`` of every stage for an input patch (each size divisible by ``2**(K-1)``).
+
+        ``enc_i`` and ``dec_i`` have ``channels[i]`` channels at ``1/2**i`` of the patch; the bottleneck
+        has ``channels[-1]`` at ``1/2**(K-1)``. Both columns are built from this one section.
+        """
+        k = len(self.channels)
+        level = {f"enc{i}": i for i in range(k - 1)} | {f"dec{i}": i for i in range(k - 1)} | {"bottleneck": k - 1}
+        return {n: (self.channels[level[n]],) + tuple(p // 2 ** level[n] for p in patch_size) for n in self.depth_names}
+
 
 # ------------------------------------------------------------------------------------------ sharing
-class SoftSharingConfig(_Strict):
+class _SharingBase(_Strict):
+    """What every mechanism's section declares about itself; the depth validator reads only this."""
+
+    @property
+    def mixes_activations(self) -> bool:
+        """True when the mechanism mixes the columns' activations (each batch runs through both columns)."""
+        return False
+
+    @property
+    def ties_parameters(self) -> bool:
+        """True when the stages at its depths become one set of parameters used by both columns."""
+        return False
+
+    @property
+    def penalizes_parameters(self) -> bool:
+        """True when a penalty compares the two columns' own parameters (needs untied stages)."""
+        return False
+
+    @property
+    def mixes_head_input(self) -> bool:
+        """True when it replaces each head's input by a mix of layers (at most one mechanism may)."""
+        return False
+
+    def depth_keys(self, available: list[str]) -> dict[str, list[str]]:
+        """Config key -> the depth names it lists (``"all"`` expanded); ``depths`` comes first."""
+        depths = getattr(self, "depths")
+        return {"depths": list(available) if depths == "all" else list(depths)}
+
+    def check(self, *, index: int, model: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Mechanism-specific checks against the model's stage ``shapes``; raise ValueError naming ``sharing.<index>.<key>``."""
+
+
+class SoftSharingConfig(_SharingBase):
     """Penalty ``lambda_d * sum ||theta_ct - theta_mr||_F^2`` over the parameters of chosen depths."""
 
     kind: Literal["soft"] = "soft"
@@ -127,8 +200,13 @@ class SoftSharingConfig(_Strict):
                 raise ValueError(f"penalty weight for depth {name!r} must be >= 0, got {lam}")
         return v
 
+    @property
+    def penalizes_parameters(self) -> bool:
+        """The penalty compares the columns' parameters."""
+        return True
 
-class CrossStitchConfig(_Strict):
+
+class CrossStitchConfig(_SharingBase):
     """Cross-stitch units (Misra et al. 2016): learned 2x2 mixing of the columns' activations."""
 
     kind: Literal["cross_stitch"] = "cross_stitch"
@@ -137,23 +215,88 @@ class CrossStitchConfig(_Strict):
     init: tuple[tuple[float, float], tuple[float, float]] = Field(((0.9, 0.1), (0.1, 0.9)), description="initial mixing matrix [[ct<-ct, ct<-mr], [mr<-ct, mr<-mr]]")
     lr_multiplier: float = Field(10.0, gt=0.0, description="learning rate of the mixing coefficients relative to the network's")
 
+    @property
+    def mixes_activations(self) -> bool:
+        """Cross-stitch units mix activations."""
+        return True
 
-class HardSharingConfig(_Strict):
+
+class SluiceConfig(_SharingBase):
+    """Sluice units (Ruder et al. 2019, "Latent Multi-task Architecture Learning", AAAI).
+
+    At each chosen depth both columns' channels are split into M subspaces and a learned (2M, 2M) alpha
+    mixes all subspaces of both columns; learned beta weights mix chosen layers of a column before its
+    head; an orthogonality penalty pushes a column's subspaces apart.
+    """
+
+    kind: Literal["sluice"] = "sluice"
+    depths: list[str] = Field(..., min_length=1, description="depth names after which alpha mixes all subspaces of both columns")
+    num_subspaces: int = Field(2, ge=1, description="M: subspaces each column's channels are split into at every chosen depth (must divide those channels)")
+    init: tuple[tuple[float, float], tuple[float, float]] = Field(((0.9, 0.1), (0.1, 0.9)), description="initial column mixing [[ct<-ct, ct<-mr], [mr<-ct, mr<-mr]]; alpha starts as kron(init, I_M): subspace m mixes only with subspace m")
+    beta_depths: dict[str, float] = Field(default_factory=lambda: {"enc0": 0.1, "dec0": 0.9}, description="depth -> initial beta weight of its output in each column's mix before the head; only layers of the head's input shape (channels[0] at full resolution: enc0, dec0)")
+    beta_mode: Literal["plain", "softmax"] = Field("plain", description="plain learned beta weights (as the authors' code) or a softmax over learned logits (positive, summing to 1)")
+    orthogonality_weight: float = Field(1e-3, ge=0.0, description="weight of sum_(i<j) ||G_i^T G_j||_F^2 between a column's subspaces (filters of the convolutions writing them), per depth; no term with one subspace")
+    lr_multiplier: float = Field(10.0, gt=0.0, description="learning rate of alpha and beta relative to the network's (no weight decay)")
+
+    @property
+    def mixes_activations(self) -> bool:
+        """Alpha mixes activations."""
+        return True
+
+    @property
+    def mixes_head_input(self) -> bool:
+        """Beta mixes layers before the heads."""
+        return True
+
+    def depth_keys(self, available: list[str]) -> dict[str, list[str]]:
+        """``depths`` (alpha) and ``beta_depths``."""
+        return {"depths": list(self.depths), "beta_depths": list(self.beta_depths)}
+
+    def check(self, *, index: int, model: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Subspaces divide the channels; beta layers have the head's input shape; softmax inits are positive."""
+        for d in self.depths:
+            if shapes[d][0] % self.num_subspaces:
+                raise ValueError(f"sharing.{index}.num_subspaces: {self.num_subspaces} subspaces do not divide the {shapes[d][0]} channels of depth {d!r}")
+        head = shapes[model.depth_names[-1]]
+        same = [n for n, s in shapes.items() if s == head]
+        if not self.beta_depths:
+            raise ValueError(f"sharing.{index}.beta_depths: list at least one layer (e.g. {{{model.depth_names[-1]}: 1.0}})")
+        for d in self.beta_depths:
+            # Layers of other resolutions would need resampling and a channel projection the paper
+            # does not have; refuse them here instead of failing in the first forward pass.
+            if shapes[d] != head:
+                raise ValueError(f"sharing.{index}.beta_depths: depth {d!r} outputs {shapes[d][0]} channels at 1/{head[1] // shapes[d][1]} "
+                                 f"resolution but the heads read {head[0]} channels at full resolution; beta mixes only layers of the head's shape ({', '.join(same)})")
+            if self.beta_mode == "softmax" and self.beta_depths[d] <= 0:
+                raise ValueError(f"sharing.{index}.beta_depths: with beta_mode softmax every initial weight must be > 0 (got {self.beta_depths[d]} for {d!r})")
+
+
+class HardSharingConfig(_SharingBase):
     """Hard sharing: the chosen stages are one module used by both columns (baseline)."""
 
     kind: Literal["hard"] = "hard"
     depths: list[str] | Literal["all"] = Field("all", description="depth names whose stages are shared, or 'all' (one column, one head per modality)")
 
+    @property
+    def ties_parameters(self) -> bool:
+        """The stages become one module."""
+        return True
 
-class SharedKernelsConfig(_Strict):
+
+class SharedKernelsConfig(_SharingBase):
     """Shared convolution kernels with modality-specific normalization (Dou et al. 2020)."""
 
     kind: Literal["shared_kernels"] = "shared_kernels"
     depths: list[str] | Literal["all"] = Field("all", description="depth names whose convolutions are shared, or 'all'")
 
+    @property
+    def ties_parameters(self) -> bool:
+        """The convolutions become one set of parameters."""
+        return True
+
 
 SharingConfig = Annotated[
-    Union[SoftSharingConfig, CrossStitchConfig, HardSharingConfig, SharedKernelsConfig],
+    Union[SoftSharingConfig, CrossStitchConfig, SluiceConfig, HardSharingConfig, SharedKernelsConfig],
     Field(discriminator="kind"),
 ]
 
@@ -175,7 +318,38 @@ class GradNormConfig(_Strict):
     initial_loss_steps: int = Field(1, ge=1, description="L_i(0) is the mean loss of the first N steps (1 = first step, as published)")
 
 
-WeightingConfig = Annotated[Union[EqualWeightingConfig, GradNormConfig], Field(discriminator="method")]
+class UncertaintyWeightingConfig(_Strict):
+    """Homoscedastic uncertainty weighting (Kendall et al. 2018): term ``exp(-s_i) L_i + s_i``, ``s_i`` learned."""
+
+    method: Literal["uncertainty"] = "uncertainty"
+    init_log_variance: float = Field(0.0, description="initial s_i = log sigma_i^2 of every task (0 = weight 1)")
+    lr: float | None = Field(None, gt=0.0, description="learning rate of the s_i in the network optimizer (no weight decay); null = train.lr")
+
+
+class DWAConfig(_Strict):
+    """Dynamic Weight Average (Liu et al. 2019) from epoch-mean losses; an epoch is a fixed number of steps."""
+
+    method: Literal["dwa"] = "dwa"
+    temperature: float = Field(2.0, gt=0.0, description="softmax temperature T (2 as published; larger = closer to equal weights)")
+    steps_per_epoch: int = Field(50, ge=1, description="applied steps that make one DWA epoch (training is iteration based); weights are 1 for the first two epochs")
+
+
+class DSTConfig(_Strict):
+    """Dropped scheduled task (Malhotra et al. 2020/2023): drop a task for a step as it progresses and stalls."""
+
+    method: Literal["dst"] = "dst"
+    max_drop_probability: float = Field(0.5, ge=0.0, lt=1.0, description="drop probability of a task that has fully converged and stalled")
+    progress_share: float = Field(0.5, ge=0.0, le=1.0, description="share of the drop probability from training progress 1 - L_i/L_i(0); the rest from stagnancy")
+    ema: float = Field(0.9, ge=0.0, lt=1.0, description="smoothing factor of each task's loss before progress and stagnancy are read")
+    stall_patience: int = Field(50, ge=1, description="forwarded steps without improvement after which a task counts as fully stalled")
+    stall_tolerance: float = Field(0.01, ge=0.0, lt=1.0, description="relative fall of the smoothed loss below its best that counts as an improvement")
+    seed: int = Field(0, ge=0, description="seed of the drop draws (identical on every rank; the same seed reproduces a run)")
+
+
+WeightingConfig = Annotated[
+    Union[EqualWeightingConfig, GradNormConfig, UncertaintyWeightingConfig, DWAConfig, DSTConfig],
+    Field(discriminator="method"),
+]
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -183,7 +357,7 @@ class TrainConfig(_Strict):
     """Optimization: steps, batches, optimizer, schedule, precision, validation."""
 
     steps: int = Field(400, ge=1, description="optimizer steps in total")
-    batch_size: dict[Literal["ct", "mr"], int] = Field(default_factory=lambda: {"ct": 2, "mr": 2}, description="patches per step per modality (sets the CT:MR sampling ratio)")
+    batch_size: dict[Literal["ct", "mr"], int] | None = Field(default_factory=lambda: {"ct": 2, "mr": 2}, description="patches per step per modality (sets the CT:MR sampling ratio); null = planned from preprocess.memory_budget_mb")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="network optimizer")
     lr: float = Field(3e-3, gt=0.0, description="initial learning rate")
     weight_decay: float = Field(1e-5, ge=0.0, description="decoupled weight decay (adamw) or L2 (sgd)")
@@ -198,8 +372,8 @@ class TrainConfig(_Strict):
 
     @field_validator("batch_size")
     @classmethod
-    def _both_modalities(cls, v: dict[str, int]) -> dict[str, int]:
-        for m in ("ct", "mr"):
+    def _both_modalities(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        for m in ("ct", "mr") if v is not None else ():
             if v.get(m, 0) < 1:
                 raise ValueError(f"batch_size.{m} must be a positive integer")
         return v
@@ -213,6 +387,27 @@ class EvalConfig(_Strict):
     sw_batch_size: int = Field(2, ge=1, description="windows per forward pass")
 
 
+class RegistryGateConfig(_Strict):
+    """What a model version must show before `medmtl promote` moves alias ``champion`` to it."""
+
+    min_dice: dict[str, float] = Field(
+        default_factory=dict,
+        description="held-out Dice floors: key '<modality>/<class>' (e.g. ct/liver, mr/mean) or a class name for both modalities",
+    )
+    min_dice_all: float | None = Field(None, ge=0.0, le=1.0, description="floor for every class of every modality; null = none")
+    no_worse_than_champion: bool = Field(True, description="refuse a version whose Dice is below the current champion's on the same evaluation set")
+    compare_on: Literal["mean", "per_class"] = Field("mean", description="compare with the champion on each modality's mean Dice, or on every class")
+    tolerance: float = Field(0.0, ge=0.0, le=1.0, description="Dice drop against the champion still accepted")
+
+    @field_validator("min_dice")
+    @classmethod
+    def _floors_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, floor in v.items():
+            if not 0.0 <= floor <= 1.0:
+                raise ValueError(f"min_dice.{key}: a Dice floor is between 0 and 1, got {floor}")
+        return v
+
+
 class TrackingConfig(_Strict):
     """MLflow tracking and registry."""
 
@@ -220,6 +415,16 @@ class TrackingConfig(_Strict):
     experiment: str = Field("medmtl", description="MLflow experiment name")
     registered_model: str = Field("medmtl-abdomen", description="name of the registered model")
     log_model: bool = Field(True, description="log the deployable pyfunc model at the end of the run")
+    http_timeout_s: int = Field(10, ge=1, description="seconds one request to a tracking server may take (sets MLFLOW_HTTP_REQUEST_TIMEOUT; MLflow's default is 120)")
+    http_max_retries: int = Field(2, ge=0, le=10, description="retries of a failed request (sets MLFLOW_HTTP_REQUEST_MAX_RETRIES; MLflow's default 7 blocks for minutes)")
+    http_backoff_factor: int = Field(1, ge=0, le=120, description="exponential backoff factor between retries in seconds (sets MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR)")
+    flush_interval_s: float = Field(5.0, gt=0.0, description="the background sender sends buffered metric points at least this often")
+    retry_interval_s: float = Field(15.0, gt=0.0, description="while the server is unreachable, try again this often (records wait in the spool on disk)")
+    final_sync_timeout_s: float = Field(120.0, ge=0.0, description="at the end of a run, keep trying to send spooled records this long, then leave them on disk")
+    system_metrics: bool = Field(True, description="log MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) when psutil is installed")
+    system_metrics_interval_s: float = Field(10.0, gt=0.0, description="sampling interval of the system metrics in seconds")
+    overlay_cases: int = Field(4, ge=0, description="held-out cases per modality drawn as overlay pictures (mid slice, reference and predicted contours)")
+    gate: RegistryGateConfig = Field(default_factory=RegistryGateConfig, description="promotion gates of `medmtl promote`")
 
 
 class ExperimentConfig(_Strict):
@@ -239,18 +444,51 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _depths_exist(self) -> "ExperimentConfig":
         names = self.model.depth_names
-        claimed: dict[str, str] = {}
+        help_here = f"{DEPTH_NAMES_HELP} (here: {', '.join(names)})"
+        patch = self.preprocess.patch_size
+        divisor = 2 ** (len(self.model.channels) - 1)
+        if patch is not None and any(p % divisor for p in patch):
+            # Otherwise each decoder stage's upsampled map and its skip connection differ in shape.
+            raise ValueError(f"preprocess.patch_size: {list(patch)} must be divisible by {divisor} in every dimension "
+                             f"(model.channels has {len(self.model.channels)} levels, each halving the size)")
+        # A planned patch (null) is a multiple of the divisor too; relative shapes are all the checks need.
+        shapes = self.model.depth_shapes(patch if patch is not None else (divisor,) * 3)
+        for d in self.model.deep_supervision_depths:
+            if d not in names:
+                raise ValueError(f"model.deep_supervision_depths: unknown depth {d!r}; {help_here}")
+            if not d.startswith("dec") or d == names[-1]:
+                raise ValueError(f"model.deep_supervision_depths: {d!r} is not a decoder depth below the main head "
+                                 f"({names[-1]}); choose among {', '.join(n for n in names if n.startswith('dec') and n != names[-1]) or 'none (add a level to model.channels)'}")
+        tied: dict[str, str] = {}
+        mixed: dict[str, int] = {}
+        head_mixers: list[int] = []
         for i, mech in enumerate(self.sharing):
-            depths = names if mech.depths == "all" else list(mech.depths)
-            for d in depths:
-                if d not in names:
-                    raise ValueError(f"sharing.{i}.depths: unknown depth {d!r}; {DEPTH_NAMES_HELP} (here: {', '.join(names)})")
+            keys = mech.depth_keys(names)
+            for key, depths in keys.items():
+                for d in depths:
+                    if d not in names:
+                        raise ValueError(f"sharing.{i}.{key}: unknown depth {d!r}; {help_here}")
+            for d in keys["depths"]:
                 # Two mechanisms that both own a stage's parameters would silently override each other.
-                owner = claimed.get(d)
-                if mech.kind in ("hard", "shared_kernels"):
-                    if owner is not None:
-                        raise ValueError(f"sharing.{i}.depths: depth {d!r} already shared by sharing.{owner}")
-                    claimed[d] = f"{i} ({mech.kind})"
+                if mech.ties_parameters:
+                    if d in tied:
+                        raise ValueError(f"sharing.{i}.depths: depth {d!r} already shared by sharing.{tied[d]}")
+                    tied[d] = f"{i} ({mech.kind})"
+                # Two mixing units after one stage would apply in list order, which nobody asked for.
+                if mech.mixes_activations:
+                    if d in mixed:
+                        raise ValueError(f"sharing.{i}.depths: depth {d!r} is already mixed by sharing.{mixed[d]}; use one mixing unit per depth")
+                    mixed[d] = i
+            if mech.mixes_head_input:
+                head_mixers.append(i)
+            mech.check(index=i, model=self.model, shapes=shapes)
+        if len(head_mixers) > 1:
+            raise ValueError(f"sharing.{head_mixers[1]}: only one mechanism may mix layers before the heads (also sharing.{head_mixers[0]})")
+        for i, mech in enumerate(self.sharing):
+            for d in mech.depth_keys(names)["depths"] if mech.penalizes_parameters else []:
+                if d in tied:
+                    raise ValueError(f"sharing.{i}.depths: depth {d!r} is already shared by sharing.{tied[d]}; "
+                                     "a penalty between a stage and itself is zero, remove the depth from one of them")
         if self.weighting.method == "gradnorm" and self.weighting.depth not in names:
             raise ValueError(f"weighting.depth: unknown depth {self.weighting.depth!r}; {DEPTH_NAMES_HELP} (here: {', '.join(names)})")
         return self
@@ -258,7 +496,7 @@ class ExperimentConfig(_Strict):
     @property
     def mixes_activations(self) -> bool:
         """True when a unit mixes the columns' activations (each batch then runs through both columns)."""
-        return any(m.kind == "cross_stitch" for m in self.sharing)
+        return any(m.mixes_activations for m in self.sharing)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -273,7 +511,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-_UNION_TAGS = {"soft", "cross_stitch", "hard", "shared_kernels", "equal", "gradnorm"}
+_UNION_TAGS = {"soft", "cross_stitch", "sluice", "hard", "shared_kernels", "equal", "gradnorm"}
 
 
 def _parse_value(text: str) -> Any:

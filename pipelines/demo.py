@@ -27,7 +27,7 @@ def run_demo(cfg: ExperimentConfig, *, workdir: str | Path = "demo_data", n_ct: 
         echo(f"[1/4] reusing synthetic exports in {synth_dir}")
     data_dir = workdir / "data"
     echo(f"[2/4] ingesting {synth_dir / 'export'} -> {data_dir}")
-    report = ingest(synth_dir / "export", data_dir, labels_dir=synth_dir / "labels", progress=progress)
+    report = ingest(synth_dir / "export", data_dir, labels_dir=synth_dir / "labels", progress=progress, label_names=cfg.data.labels)
     echo(report.summary())
     cfg = cfg.model_copy(deep=True)
     cfg.data.root = str(data_dir)

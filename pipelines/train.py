@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 import medmtl
 from medmtl.config import ExperimentConfig, config_to_yaml, flatten_config
 from medmtl.data.loaders import load_split
-from medmtl.data.plan import compute_plan, load_plan, save_plan
+from medmtl.data.plan import PLAN_VERSION, compute_plan, load_plan, resolve_plan, save_plan
 from medmtl.tracking.logger import NullLogger, RunLogger, last_logged_steps
 from medmtl.evaluation.inference import Segmenter
 from medmtl.tracking.plots import log_history_plots, log_overlays
@@ -47,11 +48,17 @@ def _code_version() -> str:
         return "unknown"
 
 
-def ensure_plan(data_dir: Path) -> Path:
-    """``DATA_DIR/plan.json``, computed once from the manifest when missing."""
+def ensure_plan(data_dir: Path, cfg: ExperimentConfig | None = None) -> Path:
+    """``DATA_DIR/plan.json``, computed from the manifest when missing or written by another plan version."""
     path = data_dir / "plan.json"
-    if not path.exists():
-        save_plan(compute_plan(data_dir), path)
+    stale = False
+    if path.exists():
+        try:
+            stale = json.loads(path.read_text()).get("version", 1) != PLAN_VERSION
+        except json.JSONDecodeError:
+            stale = True
+    if not path.exists() or stale:
+        save_plan(compute_plan(data_dir, cfg), path)
     return path
 
 
@@ -64,8 +71,9 @@ def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progres
     """
     ctx = init_distributed(resolve_device(cfg.train.device).type)
     data_dir, split = load_split(cfg)
-    plan_path = ensure_plan(data_dir)
-    plan = load_plan(plan_path)
+    plan_path = ensure_plan(data_dir, cfg)
+    # the plan as this run uses it (config overrides applied): trained, logged and shipped with the model
+    plan = resolve_plan(load_plan(plan_path), cfg)
     state = load_checkpoint(resume) if resume is not None else None
     tracking_uri, run_id, logged = "", None, {}
     logger: RunLogger | NullLogger = NullLogger()
@@ -91,7 +99,7 @@ def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progres
         if ctx.is_main and state is None:
             logger.log_params(flatten_config(cfg))
             logger.log_text(config_to_yaml(cfg), "config.yaml")
-            logger.log_artifact(plan_path)
+            logger.log_dict(plan.to_dict(), "plan.json")
             logger.log_dict(_ingest_summary(data_dir, split), "ingest_summary.json")
         ckpt_dir = Path(resume).parent if resume is not None else Path(out_dir) / (run_id or "rank")
         trainer = Trainer(cfg=cfg, plan=plan, split=split, data_dir=data_dir, logger=logger, out_dir=ckpt_dir,

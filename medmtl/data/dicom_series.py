@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 # SOP classes handled specially (values from DICOM PS3.4).
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+SEG_SOP_CLASSES = (SEGMENTATION_STORAGE, LABEL_MAP_SEGMENTATION_STORAGE)
 SUPPORTED_MODALITIES = ("CT", "MR")
 
 LOCALIZER_IMAGE_TYPES = ("LOCALIZER", "SCOUT")
@@ -76,6 +78,9 @@ LOCALIZER_IMAGE_TYPES = ("LOCALIZER", "SCOUT")
 ORIENTATION_TOL = 1e-3
 # In-plane offset, in voxels, above which slices count as sheared (gantry tilt).
 TILT_TOL_VOXELS = 0.01
+# A label (NIfTI mask or DICOM SEG) matches its image when every voxel lands within this fraction of a
+# voxel of an image voxel centre.
+LABEL_TOL_VOXELS = 1e-3
 # Two slices closer than this along the normal share a position.
 DUPLICATE_TOL_MM = 1e-3
 # A step more than this times the median step is a missing slice or gap.
@@ -205,6 +210,14 @@ class SeriesReadError(RuntimeError):
         self.reason = reason
 
 
+class LabelError(RuntimeError):
+    """A label (NIfTI mask or DICOM SEG) cannot be used for its series; ``reason`` is the check name."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 # --------------------------------------------------------------------------------------------------
 # header scan
 
@@ -274,8 +287,9 @@ def _slices_from_header(path, ds, st, pixel_offset) -> list[SliceHeader] | Skipp
     if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
         return SkippedFile(path, "dicomdir", _dicomdir_detail(path, ds))
     sop_name = UID(sop_class).name if sop_class else "unknown SOP class"
-    if sop_class == SEGMENTATION_STORAGE:
-        return SkippedFile(path, "dicom_seg", "DICOM SEG object; SEG labels are not ingested yet, use NIfTI labels")
+    if sop_class in SEG_SOP_CLASSES:
+        # Not an image: ingest reads SEG objects separately (medmtl.data.dicom_seg) as labels.
+        return SkippedFile(path, "dicom_seg", f"{sop_name}; used as a label when it references an ingested series")
     if "Rows" not in ds or "Columns" not in ds:
         if "Image" in sop_name:
             return SkippedFile(path, "no_pixel_data", f"{sop_name} without pixel data")

@@ -2,21 +2,40 @@
 
 What ingest does, in order:
 
-1. Walks ``EXPORT_DIR`` recursively (any file names, DICOMDIR or not) and reads every header without pixel
+1. Takes an exclusive lock on ``DATA_DIR/.ingest.lock`` (``flock``; released by the kernel when the process
+   ends, so a killed ingest leaves no stale lock). A second ingest into the same ``DATA_DIR`` stops at once
+   with an error naming the holder's pid, instead of racing on the state and manifest files.
+2. Walks ``EXPORT_DIR`` recursively (any file names, DICOMDIR or not) and reads every header without pixel
    data, in parallel, with a progress bar. The export is opened read-only and never modified.
-2. Assembles series and checks them (:mod:`medmtl.data.dicom_series` documents every check and whether it
+   An nnU-Net raw dataset (``dataset.json`` beside ``imagesTr/``) is detected and read instead
+   (:mod:`medmtl.data.nnunet_raw`); ``source=`` forces either kind.
+3. Assembles series and checks them (:mod:`medmtl.data.dicom_series` documents every check and whether it
    rejects, corrects or warns).
-3. Matches NIfTI labels from ``LABEL_DIR`` (``<SeriesInstanceUID>.nii.gz``, or a ``labels.csv`` with the
-   columns ``series_uid,label_path``) in world space: a mask on the same grid with axes flipped or permuted
-   is reordered onto the image grid; a mask that does not match is a ``label_mismatch`` rejection in the
-   report, never a silent resample. Masks are compared with the output grid; for a gantry-tilted series a
-   mask on the uncorrected (sheared) grid is accepted too and gets the same in-plane shift (nearest).
-4. Writes ``images/<case_id>_<series_key>.nii.gz`` (and ``labels/...`` as uint8) atomically: temporary
+4. Finds each series' label, in this order:
+
+   * a NIfTI mask from ``LABEL_DIR`` (``<SeriesInstanceUID>.nii.gz``, or a ``labels.csv`` with the columns
+     ``series_uid,label_path``), matched in world space: a mask on the same grid with axes flipped or
+     permuted is reordered onto the image grid; a mask that does not match is a ``label_mismatch``
+     rejection in the report, never a silent resample. Masks are compared with the output grid; for a
+     gantry-tilted series a mask on the uncorrected (sheared) grid is accepted too and gets the same
+     in-plane shift (nearest).
+   * else a DICOM SEG object in the export that references the series (:mod:`medmtl.data.dicom_seg`: frames
+     placed by their world positions, segments mapped to label values by name or number, overlaps resolved
+     by the higher segment number). **A LABEL_DIR mask wins over a SEG for the same series:** the user
+     named it explicitly, and it is usually the curated one. The SEG is then not read; the series carries
+     the warning ``seg_superseded`` and the SEG file is listed as skipped with that reason. Two SEGs for one
+     series reject it as ``multiple_seg`` (keep one, or pass the chosen mask in LABEL_DIR). A SEG that cannot
+     be placed on its series rejects the series, as a NIfTI mask does: ``label_mismatch`` (geometry),
+     ``seg_unusable`` (malformed or undecodable), ``unknown_label_names`` (names only partly match). A SEG that
+     references no series of the export, or only rejected ones, is listed as skipped
+     (``seg_without_series``, ``seg_series_rejected``).
+
+   ``label_source`` in the report and the manifest says where each label came from: ``label_dir``,
+   ``dicom_seg`` or ``nnunet``.
+5. Writes ``images/<case_id>_<series_key>.nii.gz`` (and ``labels/...`` as uint8) atomically: temporary
    file in the same folder, fsync, ``os.replace``. gzip headers carry no name and no time, so the bytes
    are reproducible and their sha256 is the content hash.
-5. Writes ``manifest.jsonl`` (see :mod:`medmtl.data.manifest`) and ``ingest_report.json`` atomically.
-
-Two ingests must not write into one ``DATA_DIR`` at the same time (there is no lock yet).
+6. Writes ``manifest.jsonl`` (see :mod:`medmtl.data.manifest`) and ``ingest_report.json`` atomically.
 
 Re-runs and resumes: after each series is written, its manifest entry is stored in
 ``DATA_DIR/.ingest_state/``. A re-run skips a series whose source files (paths, sizes, mtimes), label and
@@ -27,12 +46,14 @@ exports can be ingested into one ``DATA_DIR``; a series that is rejected on a re
 PHI: case ids and series keys are keyed pseudonyms (:mod:`medmtl.data.pseudonym`). Nothing written or
 logged carries names, patient ids, birth dates, accession numbers or source UIDs. Paths of skipped files are
 reported relative to ``EXPORT_DIR``; this assumes the PACS layout (``DICOM/PA000001/ST000001/...``) where
-folder names carry no PHI. Path components that look like DICOM UIDs are replaced by pseudonyms anyway.
+folder names carry no PHI. Path components that look like DICOM UIDs are replaced by pseudonyms anyway; in
+nnU-Net datasets the case identifier in file names is replaced by the case pseudonym.
 NIfTI headers carry only geometry (``descrip`` and ``intent_name`` stay empty).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import gzip
@@ -40,17 +61,23 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator, Literal, Mapping
 
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
+from medmtl.data import nnunet_raw
+from medmtl.data.dicom_seg import SegHeader, SegPlacement, choose_part, place_seg, read_seg_header, read_seg_label
 from medmtl.data.dicom_series import (
+    LABEL_TOL_VOXELS,
+    LabelError,
     SeriesPlan,
     SeriesReadError,
     SkippedFile,
@@ -64,27 +91,27 @@ from medmtl.data.dicom_series import (
 from medmtl.data.manifest import FILE_MODE, ManifestEntry, atomic_write_bytes, write_manifest
 from medmtl.data.pseudonym import Pseudonymizer, load_or_create_secret
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: ingest runs without the DATA_DIR lock (see _data_dir_lock)
+    fcntl = None
+
 log = logging.getLogger(__name__)
+
+__all__ = ["IngestError", "IngestReport", "LabelError", "SeriesRecord", "ingest", "write_nifti_atomic"]
 
 REPORT_NAME = "ingest_report.json"
 STATE_DIR = ".ingest_state"
+LOCK_NAME = ".ingest.lock"
 # Bump when the conversion changes in a way that alters output bytes: forces a re-run to rewrite.
 CONVERSION_VERSION = 1
 GZIP_LEVEL = 1  # fast; level 6 saves ~10% more space at 3-4x the time on CT volumes
-# A label matches its image when every corner of the grid lands within this fraction of a voxel.
-LABEL_TOL_VOXELS = 1e-3
+
+Source = Literal["auto", "dicom", "nnunet"]
 
 
 class IngestError(RuntimeError):
     """Bad input or unusable output location; the message names the path and what to do."""
-
-
-class LabelError(RuntimeError):
-    """A label cannot be used for its series; ``reason`` is the check name for the report."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -92,7 +119,9 @@ class SeriesRecord:
     """One series in the ingest report (no PHI: keys are pseudonyms, details are geometry and counts).
 
     ``status`` is ``accepted`` or ``rejected``; ``action`` says what this run did to an accepted series:
-    ``written`` or ``unchanged`` (outputs already up to date).
+    ``written`` or ``unchanged`` (outputs already up to date). ``label_source`` is ``label_dir``,
+    ``dicom_seg``, ``nnunet`` or ``None`` (unlabelled). For nnU-Net images a "series" is one channel of
+    one case.
     """
 
     series_key: str
@@ -105,18 +134,36 @@ class SeriesRecord:
     details: dict[str, str] = field(default_factory=dict)
     output: str | None = None
     label: str | None = None
+    label_source: str | None = None
     shape: list[int] | None = None
     spacing: list[float] | None = None
     orientation: str | None = None
     action: str | None = None
 
+    def reject(self, reason: str, detail: str) -> None:
+        """Record a rejecting check (the series is not written)."""
+        self.status = "rejected"
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        self.details[reason] = detail
+
+    def warn(self, name: str, detail: str) -> None:
+        """Record a correcting or flagging check."""
+        if name not in self.warnings:
+            self.warnings.append(name)
+        self.details[name] = detail
+
 
 @dataclass
 class IngestReport:
-    """What an ingest run accepted, rejected and skipped, written to ``DATA_DIR/ingest_report.json``."""
+    """What an ingest run accepted, rejected and skipped, written to ``DATA_DIR/ingest_report.json``.
+
+    ``source`` is ``dicom`` (a scanner export) or ``nnunet`` (an nnU-Net raw dataset).
+    """
 
     series: list[SeriesRecord] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    source: str = "dicom"
 
     @property
     def n_accepted(self) -> int:
@@ -131,6 +178,7 @@ class IngestReport:
     def to_dict(self) -> dict:
         """JSON-ready dict of the whole report."""
         return {
+            "source": self.source,
             "n_accepted": self.n_accepted,
             "n_rejected": self.n_rejected,
             "n_skipped_files": len(self.skipped),
@@ -143,13 +191,15 @@ class IngestReport:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     def summary(self) -> str:
-        """A few lines for the terminal: counts, reasons, warnings and where the full report is."""
-        acts = Counter(r.action for r in self.series if r.status == "accepted")
+        """A few lines for the terminal: counts, reasons, warnings, label sources and where the full report is."""
+        ok = [r for r in self.series if r.status == "accepted"]
+        acts = Counter(r.action for r in ok)
         lines = [
             f"ingest: {self.n_accepted} series accepted ({acts.get('written', 0)} written, "
             f"{acts.get('unchanged', 0)} unchanged), {self.n_rejected} rejected, {len(self.skipped)} files skipped"
         ]
         for title, counter in (
+            ("labels", Counter(r.label_source or "unlabelled" for r in ok)),
             ("rejected", Counter(x for r in self.series if r.status == "rejected" for x in r.reasons)),
             ("warnings", Counter(x for r in self.series for x in r.warnings)),
             ("skipped files", Counter(s["reason"] for s in self.skipped)),
@@ -168,70 +218,74 @@ def ingest(
     workers: int | None = None,
     progress: bool = True,
     min_slices: int = 3,
+    source: Source = "auto",
+    label_names: Mapping[str, Mapping[int, str]] | None = None,
 ) -> IngestReport:
-    """Convert a scanner export into ``out_dir`` (NIfTI + ``manifest.jsonl`` + ``ingest_report.json``).
+    """Convert a scanner export (or an nnU-Net raw dataset) into ``out_dir``: NIfTI + manifest + report.
 
     Args:
-        export_dir: folder tree of DICOM files as a PACS or scanner wrote it; read only.
+        export_dir: folder tree of DICOM files as a PACS or scanner wrote it, or an nnU-Net raw dataset
+            folder; read only.
         out_dir: dataset folder (``DATA_DIR``); created if missing; may already hold earlier ingests.
         labels_dir: folder of ``<SeriesInstanceUID>.nii.gz`` masks and/or a ``labels.csv``
-            (``series_uid,label_path``), or the path of such a CSV file.
+            (``series_uid,label_path``), or the path of such a CSV file (DICOM exports only).
         workers: threads for header reading and conversion (default: a few per CPU for headers,
             one per CPU for conversion).
         progress: show tqdm progress bars on stderr.
         min_slices: series with fewer slices are rejected as ``too_few_slices``.
+        source: ``auto`` (an nnU-Net dataset when ``dataset.json`` and ``imagesTr/`` are present, else a
+            DICOM export), ``dicom`` or ``nnunet``.
+        label_names: class names per modality, ``{"CT": {1: "liver", ...}, "MR": {...}}`` (keys in any case;
+            ``data.labels`` of the config). DICOM SEG segments and nnU-Net labels are mapped to these values
+            by name when all their names match; ``None`` keeps their own numbers.
 
     Returns:
         The :class:`IngestReport` (also written to ``out_dir/ingest_report.json``).
 
     Raises:
-        IngestError: ``export_dir`` or ``labels_dir`` is missing, ``out_dir`` is not writable or lies inside
-            the export.
+        IngestError: ``export_dir`` or ``labels_dir`` is missing, ``out_dir`` is not writable, lies inside
+            the export or is being written by another ingest, or an nnU-Net ``dataset.json`` is unusable.
     """
     export = Path(export_dir).resolve()
     out = Path(out_dir).resolve()
     _check_locations(export, out, labels_dir)
-    pz = Pseudonymizer(load_or_create_secret(out))
-    for sub in ("images", "labels", STATE_DIR):
-        (out / sub).mkdir(exist_ok=True)
-        _remove_stale_temp_files(out / sub)
-
+    kind = _source_kind(export, source)
+    if kind == "nnunet" and labels_dir is not None:
+        raise IngestError(
+            f"{export} is an nnU-Net raw dataset, whose labels are in labelsTr/; --labels applies to DICOM exports only."
+        )
+    names = {str(k).upper(): dict(v) for k, v in (label_names or {}).items()}
     n_cpu = os.cpu_count() or 1
-    scan_workers = workers or min(16, 4 * n_cpu)
     convert_workers = workers or n_cpu
-    relpath = lambda p: pz.safe_relpath(p, export)  # noqa: E731
 
-    with quiet_pydicom():
-        files = _discover(export)
-        slices, skipped = [], []
-        with ThreadPoolExecutor(scan_workers) as pool:
-            for res in _progress(pool.map(scan_file, files), len(files), "reading headers", "file", progress):
-                if isinstance(res, SkippedFile):
-                    skipped.append({"path": relpath(res.path), "reason": res.reason, "detail": res.detail})
-                else:
-                    slices.extend(res)
-        plans = [check_series(c, min_slices=min_slices) for c in assemble_series(slices)]
-        labels = _index_labels(labels_dir) if labels_dir is not None else {}
-        jobs = _plan_jobs(plans, labels, pz, out, relpath, skipped)
-        with ThreadPoolExecutor(convert_workers) as pool:
-            futures = [pool.submit(_run_job, j, out, pz, relpath) for j in jobs]
-            try:
-                results = [f.result() for f in _progress(futures, len(jobs), "converting", "series", progress)]
-            except BaseException:
-                # Fatal (disk full, interrupt): stop queued series; finished ones keep their state and
-                # are skipped when the ingest is run again.
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-
-    report = IngestReport(series=[r for r, _ in results], skipped=skipped)
-    write_manifest(out, _read_state(out))
-    atomic_write_bytes(out / REPORT_NAME, report.to_json().encode("utf-8"))
+    with _data_dir_lock(out):
+        pz = Pseudonymizer(load_or_create_secret(out))
+        for sub in ("images", "labels", STATE_DIR):
+            (out / sub).mkdir(exist_ok=True)
+            _remove_stale_temp_files(out / sub)
+        with quiet_pydicom():
+            if kind == "nnunet":
+                jobs, skipped = _nnunet_jobs(export, out, pz, names, min_slices)
+            else:
+                jobs, skipped = _dicom_jobs(export, out, pz, labels_dir, names, workers or min(16, 4 * n_cpu), min_slices, progress)
+            with ThreadPoolExecutor(convert_workers) as pool:
+                futures = [pool.submit(_run_job, j, out) for j in jobs]
+                try:
+                    results = [f.result() for f in _progress(futures, len(jobs), "converting", "series", progress)]
+                except BaseException:
+                    # Fatal (disk full, interrupt): stop queued series; finished ones keep their state and
+                    # are skipped when the ingest is run again.
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+        report = IngestReport(series=[r for r, _ in results], skipped=skipped, source=kind)
+        write_manifest(out, _read_state(out))
+        atomic_write_bytes(out / REPORT_NAME, report.to_json().encode("utf-8"))
     log.info("%s", report.summary())
     return report
 
 
 # --------------------------------------------------------------------------------------------------
-# locations and discovery
+# locations, lock and discovery
 
 
 def _check_locations(export: Path, out: Path, labels_dir) -> None:
@@ -248,6 +302,46 @@ def _check_locations(export: Path, out: Path, labels_dir) -> None:
         os.unlink(probe)
     except OSError as e:
         raise IngestError(f"output folder {out} is not writable ({e.strerror}); choose another --out or fix its permissions.") from None
+
+
+def _source_kind(export: Path, source: str) -> str:
+    if source == "auto":
+        return "nnunet" if nnunet_raw.is_nnunet_raw(export) else "dicom"
+    if source == "nnunet" and not (export / nnunet_raw.DATASET_JSON).is_file():
+        raise IngestError(f"{export / nnunet_raw.DATASET_JSON} not found; an nnU-Net raw dataset needs dataset.json beside imagesTr/.")
+    if source not in ("dicom", "nnunet"):
+        raise IngestError(f"source={source!r}; use 'auto', 'dicom' or 'nnunet'.")
+    return source
+
+
+@contextlib.contextmanager
+def _data_dir_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``out/.ingest.lock`` for the whole ingest.
+
+    flock (not a lock file that exists or not) because the kernel drops it when the process dies: a crashed
+    ingest never blocks the next one. The file is never deleted, since deleting it would let a third
+    process lock a new inode while the second still holds the old one.
+    """
+    if fcntl is None:
+        log.warning("no flock on this platform: make sure no other ingest writes into %s at the same time", out)
+        yield
+        return
+    path = out / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise IngestError(
+                f"another ingest ({holder}) is writing into {out}; wait for it to finish or choose another --out. "
+                f"The lock ({path}) is released when that process ends."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _discover(export: Path) -> list[str]:
@@ -276,7 +370,7 @@ def _remove_stale_temp_files(folder: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# labels
+# NIfTI labels
 
 
 def _index_labels(labels_dir) -> dict[str, Path]:
@@ -358,12 +452,14 @@ def _assign_labels(plans_for_uid: list[SeriesPlan], label_path: Path) -> dict[in
     return out
 
 
-def _load_label(label_path: Path, trans, on_source: bool, plan: SeriesPlan, key: str) -> np.ndarray:
+def _load_label(label_path: Path, trans, on_source: bool, plan: SeriesPlan | None, key: str, *, lut: np.ndarray | None = None) -> np.ndarray:
     img = nib.load(str(label_path))
     data = np.asanyarray(img.dataobj)
     if data.ndim == 4:
         data = data[..., 0]
-    if not np.all(np.isfinite(data)) or np.any(data != np.round(data)) or data.min() < 0 or data.max() > 255:
+    if lut is not None:
+        data = nnunet_raw.apply_label_lut(data, lut, f"label for {key}")
+    elif not np.all(np.isfinite(data)) or np.any(data != np.round(data)) or data.min() < 0 or data.max() > 255:
         raise LabelError("label_values", f"label for {key} holds values that are not integers in 0..255")
     data = apply_orientation(data, trans)
     if on_source:
@@ -372,28 +468,76 @@ def _load_label(label_path: Path, trans, on_source: bool, plan: SeriesPlan, key:
 
 
 # --------------------------------------------------------------------------------------------------
-# jobs
+# jobs: one per series (DICOM) or per case and channel (nnU-Net), converted by the same code
 
 
 @dataclass
 class _Job:
-    plan: SeriesPlan
     record: SeriesRecord
+    affine: np.ndarray | None = None
+    shape: tuple[int, int, int] | None = None
+    read_image: Callable[[], np.ndarray] | None = None
+    read_label: Callable[[], np.ndarray] | None = None
     source_hash: str = ""
-    label_path: Path | None = None
-    label_match: tuple | None = None
     previous: ManifestEntry | None = None
 
 
-def _plan_jobs(plans, labels, pz: Pseudonymizer, out: Path, relpath, skipped: list) -> list[_Job]:
+def _dicom_jobs(export: Path, out: Path, pz: Pseudonymizer, labels_dir, names, scan_workers: int, min_slices: int, progress: bool):
+    relpath = lambda p: pz.safe_relpath(p, export)  # noqa: E731
+    files = _discover(export)
+    slices, skipped, seg_paths = [], [], []
+    with ThreadPoolExecutor(scan_workers) as pool:
+        for res in _progress(pool.map(scan_file, files), len(files), "reading headers", "file", progress):
+            if isinstance(res, SkippedFile) and res.reason == "dicom_seg":
+                seg_paths.append(res.path)
+            elif isinstance(res, SkippedFile):
+                skipped.append({"path": relpath(res.path), "reason": res.reason, "detail": res.detail})
+            else:
+                slices.extend(res)
+    segs = []
+    for p in seg_paths:  # a handful per export: read serially
+        h = read_seg_header(p)
+        if isinstance(h, SkippedFile):
+            skipped.append({"path": relpath(h.path), "reason": h.reason, "detail": h.detail})
+        else:
+            segs.append(h)
+    plans = [check_series(c, min_slices=min_slices) for c in assemble_series(slices)]
+    labels = _index_labels(labels_dir) if labels_dir is not None else {}
+    jobs = _plan_dicom_jobs(plans, labels, segs, names, pz, out, relpath, skipped)
+    return jobs, skipped
+
+
+def _plan_dicom_jobs(plans, labels, segs: list[SegHeader], names, pz: Pseudonymizer, out: Path, relpath, skipped: list) -> list[_Job]:
     by_uid: dict[str, list[SeriesPlan]] = {}
     for p in plans:
         by_uid.setdefault(p.candidate.series_uid, []).append(p)
+    segs_by_uid: dict[str, list[SegHeader]] = defaultdict(list)
+    for seg in segs:
+        hits = [u for u in dict.fromkeys(seg.referenced_series) if u in by_uid]
+        if not hits:
+            skipped.append({"path": relpath(seg.path), "reason": "seg_without_series",
+                            "detail": "DICOM SEG that references no series of this export"})
+        for u in hits:
+            segs_by_uid[u].append(seg)
     previous = {e.series_key: e for e in _read_state(out)}
     jobs = []
     for uid, group in by_uid.items():
         label_path = labels.get(uid)
         matches = _assign_labels(group, label_path) if label_path is not None else {}
+        seg_parts: dict[int, list[SegHeader]] = defaultdict(list)
+        superseded = []
+        for seg in segs_by_uid.get(uid, []):
+            if label_path is not None:
+                superseded.append(relpath(seg.path))
+                skipped.append({"path": relpath(seg.path), "reason": "seg_superseded",
+                                "detail": "a LABEL_DIR mask for the same series wins; this DICOM SEG was not read"})
+                continue
+            i = choose_part(seg, group)
+            if i is None:
+                skipped.append({"path": relpath(seg.path), "reason": "seg_series_rejected",
+                                "detail": "the series this DICOM SEG references was rejected (see its entry)"})
+            else:
+                seg_parts[i].append(seg)
         for i, plan in enumerate(group):
             cand = plan.candidate
             key = pz.series_key(uid) + (f"-{cand.part}" if cand.n_parts > 1 else "")
@@ -402,18 +546,51 @@ def _plan_jobs(plans, labels, pz: Pseudonymizer, out: Path, relpath, skipped: li
                 plan.warn("missing_patient_id", "PatientID empty; case id derived from the study instead")
             case = pz.case_id(pid) if pid else pz.case_id("study:" + plan.slices[0].study_uid)
             rec = SeriesRecord(series_key=key, case_id=case, status="accepted", modality=plan.modality, n_slices=len(plan.slices))
-            job = _Job(plan=plan, record=rec, previous=previous.get(key))
+            job = _Job(record=rec, previous=previous.get(key), affine=plan.affine, shape=plan.shape)
+            job.read_image = lambda plan=plan: read_volume(plan, relpath=relpath)
+            label_hash_items = None
             m = matches.get(i)
             if isinstance(m, LabelError):
                 plan.reject(m.reason, f"label for {key}: {m}; fix or remove the label file (not resampled)")
             elif m is not None:
-                job.label_path, job.label_match = label_path, m
-            if plan.accepted:
-                job.source_hash = _source_hash(pz, plan, relpath, job.label_path)
+                trans, on_source = m
+                job.read_label = lambda lp=label_path, p=plan, t=trans, s=on_source, k=key: _load_label(lp, t, s, p, k)
+                rec.label_source = "label_dir"
+                st = label_path.stat()
+                label_hash_items = ["label_dir", pz.digest(str(label_path).encode()), st.st_size, st.st_mtime_ns]
+                if superseded:
+                    plan.warn("seg_superseded", f"the LABEL_DIR mask was used; {len(superseded)} DICOM SEG object(s) "
+                              f"referencing this series were not read: {', '.join(superseded)}")
+            part_segs = seg_parts.get(i, [])
+            if len(part_segs) > 1 and plan.accepted:
+                plan.reject("multiple_seg", f"{len(part_segs)} DICOM SEG objects reference this series "
+                            f"({', '.join(relpath(s.path) for s in part_segs)}); keep one in the export, or pass the "
+                            "chosen mask in LABEL_DIR (which wins over SEG)")
+            elif part_segs and plan.accepted:
+                seg = part_segs[0]
+                try:
+                    placement = place_seg(seg, plan, names.get(plan.modality), what=relpath(seg.path))
+                except LabelError as e:
+                    plan.reject(e.reason, f"label for {key}: {e}")
+                else:
+                    job.read_label = lambda p=placement, pl=plan, r=rec: _read_seg(p, pl, r, relpath)
+                    rec.label_source = "dicom_seg"
+                    rec.details["label_source"] = f"DICOM SEG {relpath(seg.path)}: {placement.rule}"
+                    if names.get(plan.modality) and not placement.by_name:
+                        plan.warn("labels_by_number", placement.rule)
+                    if seg.patient_id != pid:
+                        plan.warn("seg_patient_differs", f"DICOM SEG {relpath(seg.path)} names another PatientID than "
+                                  "the image; it was used because it references this series, check it belongs to it")
+                    label_hash_items = ["dicom_seg", relpath(seg.path), seg.file_size, seg.file_mtime_ns, sorted(placement.values.items())]
+            rec.warnings, rec.details = list(plan.warnings), {**plan.details, **rec.details}
+            if not plan.accepted:
+                rec.status, rec.reasons, rec.label_source = "rejected", list(plan.reasons), None
+                job.read_label = None
+            else:
+                job.source_hash = _source_hash(pz, [[relpath(s.path), s.frame, s.file_size, s.file_mtime_ns] for s in plan.slices], label_hash_items)
             jobs.append(job)
-    matched_uids = set(by_uid)
     for uid, p in sorted(labels.items()):
-        if uid not in matched_uids:
+        if uid not in by_uid:
             skipped.append({
                 "path": "LABEL_DIR/" + pz.safe_relpath(p, p.parent),
                 "reason": "label_without_series",
@@ -422,58 +599,120 @@ def _plan_jobs(plans, labels, pz: Pseudonymizer, out: Path, relpath, skipped: li
     return jobs
 
 
-def _source_hash(pz: Pseudonymizer, plan: SeriesPlan, relpath, label_path) -> str:
-    items = [[relpath(s.path), s.frame, s.file_size, s.file_mtime_ns] for s in plan.slices]
-    lab = None
-    if label_path is not None:
-        st = label_path.stat()
-        lab = [pz.digest(str(label_path).encode()), st.st_size, st.st_mtime_ns]
-    blob = json.dumps([CONVERSION_VERSION, GZIP_LEVEL, items, lab], sort_keys=True).encode()
+def _read_seg(placement: SegPlacement, plan: SeriesPlan, rec: SeriesRecord, relpath) -> np.ndarray:
+    lab, overlap = read_seg_label(placement, plan, what=relpath(placement.seg.path))
+    if overlap:
+        rec.warn("seg_overlap", f"{overlap} voxel(s) are marked in several segments; the higher segment number was kept")
+    return lab
+
+
+def _nnunet_jobs(export: Path, out: Path, pz: Pseudonymizer, names, min_slices: int):
+    try:
+        ds = nnunet_raw.load_dataset(export)
+    except nnunet_raw.NnunetDatasetError as e:
+        raise IngestError(str(e)) from None
+    images, skips = nnunet_raw.list_images(ds)
+    case_id = lambda case: pz.case_id(f"nnunet:{ds.name}:{case}")  # noqa: E731
+    file_id = lambda name: "file-" + pz.digest(f"nnunet:{ds.name}:{name}".encode())[:12]  # noqa: E731
+    rp = lambda path: nnunet_raw.report_path(ds, path, case_id, file_id)  # noqa: E731
+    skipped = [{"path": rp(s.path), "reason": s.reason, "detail": s.detail} for s in skips]
+    luts = {}
+    for modality in sorted({im.modality for im in images}):
+        try:
+            luts[modality] = nnunet_raw.label_lut(ds, names.get(modality))
+        except LabelError as e:
+            raise IngestError(f"{export / nnunet_raw.DATASET_JSON}: key 'labels': {e}.") from None
+    json_digest = pz.digest(ds.json_bytes)
+    previous = {e.series_key: e for e in _read_state(out)}
+    jobs = []
+    for im in images:
+        key = pz.series_key(f"nnunet:{ds.name}:{im.case}:{im.channel}")
+        rec = SeriesRecord(series_key=key, case_id=case_id(im.case), status="accepted", modality=im.modality, n_slices=0)
+        job = _Job(record=rec, previous=previous.get(key))
+        jobs.append(job)
+        try:
+            job.affine, job.shape = nnunet_raw.image_geometry(im.image_path)
+        except SeriesReadError as e:
+            rec.reject(e.reason, f"{rp(im.image_path)}: {e}")
+            continue
+        rec.n_slices = job.shape[2]
+        if min(job.shape) < min_slices:
+            rec.reject("too_few_slices", f"{rp(im.image_path)}: shape {job.shape}; at least {min_slices} voxels per axis are needed for a volume")
+            continue
+        job.read_image = lambda p=im.image_path: nnunet_raw.read_image(p)
+        st = im.image_path.stat()
+        items = [[rp(im.image_path), st.st_size, st.st_mtime_ns]]
+        if im.label_path is None:
+            if im.split == "Tr":
+                rec.warn("missing_label", f"no labelsTr/ file for {rp(im.image_path)}; ingested unlabelled")
+        else:
+            try:
+                trans, why = _match_label_grid(im.label_path, job.affine, job.shape)
+            except Exception as e:
+                trans, why = None, f"label file cannot be read ({type(e).__name__})"
+            if why is not None:
+                rec.reject("label_mismatch", f"label {rp(im.label_path)} for {key}: {why}; fix or remove the label (not resampled)")
+                continue
+            lut, rule, by_name = luts[im.modality]
+            job.read_label = lambda p=im.label_path, t=trans, k=key, lut=lut: _load_label(p, t, False, None, k, lut=lut)
+            rec.label_source = "nnunet"
+            rec.details["label_source"] = f"nnU-Net {rp(im.label_path)}: {rule}"
+            if names.get(im.modality) and not by_name:
+                rec.warn("labels_by_number", rule)
+            st = im.label_path.stat()
+            items.append([rp(im.label_path), st.st_size, st.st_mtime_ns, lut.tolist()])
+        job.source_hash = _source_hash(pz, items, ["nnunet", json_digest])
+    return jobs, skipped
+
+
+def _source_hash(pz: Pseudonymizer, items: list, label_items) -> str:
+    blob = json.dumps([CONVERSION_VERSION, GZIP_LEVEL, items, label_items], sort_keys=True).encode()
     return pz.digest(blob)
 
 
-def _run_job(job: _Job, out: Path, pz: Pseudonymizer, relpath) -> tuple[SeriesRecord, ManifestEntry | None]:
-    rec, entry = _convert(job, out, relpath)
+def _run_job(job: _Job, out: Path) -> tuple[SeriesRecord, ManifestEntry | None]:
+    rec, entry = _convert(job, out)
     state = out / STATE_DIR / f"{rec.series_key}.json"
     if entry is not None:
         # Written right after the series, so that an interrupted ingest resumes from here.
         atomic_write_bytes(state, json.dumps(entry.to_dict(), sort_keys=True).encode())
+        prev = job.previous
+        for old, new in ((prev.image, entry.image), (prev.label, entry.label)) if prev is not None else ():
+            if old and old != new:  # renamed (new case id) or label removed from the source: no orphan files
+                (out / old).unlink(missing_ok=True)
     elif state.exists():
         _drop_old_outputs(out, state, rec)
     return rec, entry
 
 
-def _convert(job: _Job, out: Path, relpath) -> tuple[SeriesRecord, ManifestEntry | None]:
-    plan, rec = job.plan, job.record
-    rec.warnings = list(plan.warnings)
-    rec.details = dict(plan.details)
-    if not plan.accepted:
-        rec.status, rec.reasons = "rejected", list(plan.reasons)
+def _convert(job: _Job, out: Path) -> tuple[SeriesRecord, ManifestEntry | None]:
+    rec = job.record
+    if rec.status != "accepted":
         log.info("series %s rejected: %s", rec.series_key, ", ".join(rec.reasons))
         return rec, None
     name = f"{rec.case_id}_{rec.series_key}.nii.gz"
     image_rel = f"images/{name}"
-    label_rel = f"labels/{name}" if job.label_path is not None else None
+    label_rel = f"labels/{name}" if job.read_label is not None else None
     rec.output, rec.label = image_rel, label_rel
-    rec.shape = [int(v) for v in plan.shape]
-    rec.spacing = [round(float(v), 6) for v in plan.spacing]
-    rec.orientation = "".join(nib.aff2axcodes(plan.affine))
+    rec.shape = [int(v) for v in job.shape]
+    rec.spacing = [round(float(v), 6) for v in np.linalg.norm(job.affine[:3, :3], axis=0)]
+    rec.orientation = "".join(nib.aff2axcodes(job.affine))
 
     if _up_to_date(job, out, image_rel, label_rel):
         rec.action = "unchanged"
+        for w in job.previous.warnings:  # e.g. seg_overlap, only known when the label was decoded
+            if w not in rec.warnings:
+                rec.warn(w, "recorded when this series was written (see the manifest)")
         log.info("series %s unchanged", rec.series_key)
         return rec, job.previous
     try:
-        vol = read_volume(plan, relpath=relpath)
-        lab = None
-        if job.label_path is not None:
-            trans, on_source = job.label_match
-            lab = _load_label(job.label_path, trans, on_source, plan, rec.series_key)
-        content_hash = write_nifti_atomic(out / image_rel, vol, plan.affine)
-        label_hash = write_nifti_atomic(out / label_rel, lab, plan.affine) if lab is not None else None
+        vol = job.read_image()
+        lab = job.read_label() if job.read_label is not None else None
+        content_hash = write_nifti_atomic(out / image_rel, vol, job.affine)
+        label_hash = write_nifti_atomic(out / label_rel, lab, job.affine) if lab is not None else None
     except (SeriesReadError, LabelError) as e:
-        rec.status, rec.reasons, rec.output, rec.label = "rejected", [e.reason], None, None
-        rec.details[e.reason] = str(e)
+        rec.reject(e.reason, str(e))
+        rec.output, rec.label, rec.label_source = None, None, None
         log.info("series %s rejected: %s", rec.series_key, e.reason)
         return rec, None
     except OSError as e:
@@ -486,18 +725,19 @@ def _convert(job: _Job, out: Path, relpath) -> tuple[SeriesRecord, ManifestEntry
     log.info("series %s written", rec.series_key)
     entry = ManifestEntry(
         case_id=rec.case_id,
-        modality=plan.modality,
+        modality=rec.modality,
         image=image_rel,
         label=label_rel,
         shape=tuple(rec.shape),
         spacing=tuple(rec.spacing),
         series_key=rec.series_key,
         orientation=rec.orientation,
-        n_slices=len(plan.slices),
+        n_slices=rec.n_slices,
         content_hash=content_hash,
         label_hash=label_hash,
         source_hash=job.source_hash,
         warnings=tuple(rec.warnings),
+        label_source=rec.label_source,
     )
     return rec, entry
 

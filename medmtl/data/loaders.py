@@ -2,7 +2,9 @@
 
 Each modality has its own cached dataset and its own endless, seeded sampler: every step draws an
 independent CT batch and MR batch, the smaller modality simply starts its next shuffled pass sooner
-(no epoch ends early), and the CT:MR ratio is the ratio of the configured batch sizes.
+(no epoch ends early), and the CT:MR ratio is the ratio of the configured batch sizes. Every sample's
+randomness is seeded by its position in the stream, so the batches are the same for a seed whatever
+the number of workers, and a resumed run continues with exactly the batches it would have had.
 """
 
 from __future__ import annotations
@@ -12,17 +14,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
+from monai.data import CacheDataset, DataLoader, Dataset, ThreadDataLoader, list_data_collate
 from monai.transforms import Compose
+from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 
 from medmtl.config import ExperimentConfig
 from medmtl.data.manifest import ManifestEntry, read_manifest
 from medmtl.data.plan import Plan
-from medmtl.data.transforms import deterministic_transforms, random_transforms
+from medmtl.data.transforms import cached_training_transforms, random_transforms
 
-__all__ = ["Split", "split_cases", "EndlessSampler", "UnpairedBatches", "build_training_stream", "MODALITIES"]
+__all__ = [
+    "Split", "split_cases", "EndlessSampler", "SeededSamples", "UnpairedBatches", "augment_device", "training_dataset",
+    "build_training_stream", "load_split", "MODALITIES",
+]
 
 MODALITIES = ("ct", "mr")
 
@@ -59,38 +66,62 @@ def split_cases(entries: list[ManifestEntry], *, val_fraction: float, seed: int)
     return Split(train=train, val=val)
 
 
-class EndlessSampler(Sampler[int]):
-    """Yields dataset indices forever: a fresh seeded permutation per pass.
+class EndlessSampler(Sampler[tuple[int, int]]):
+    """Yields ``(dataset index, stream position)`` forever: a fresh seeded permutation per pass.
 
-    The permutation of pass ``p`` depends only on ``(seed, p)``, and :meth:`state_dict` records how
-    many indices were drawn, so a resumed run continues the same order.
+    The permutation of pass ``p`` depends only on ``(seed, p)``; iteration starts at stream position
+    :attr:`start`, so a resumed run continues the same order. The position travels with the index so
+    that the sample's augmentation can be seeded from it (:class:`SeededSamples`). With several
+    ranks, rank ``r`` takes positions ``r, r + world_size, ...`` of one global order (disjoint shards
+    per pass); :attr:`start` counts this rank's samples.
     """
 
     def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if n < 1:
+            raise ValueError("EndlessSampler needs at least one item")
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.drawn = 0
+        self.start = 0
 
     def _perm(self, p: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + p)
         return torch.randperm(self.n, generator=g)
 
-    def __iter__(self) -> Iterator[int]:
-        # Ranks take interleaved positions of one global order, so shards are disjoint per pass.
-        pos = self.drawn * self.world_size + self.rank
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        pos = self.start * self.world_size + self.rank
+        p_cached, perm = -1, None
         while True:
             p, i = divmod(pos, self.n)
-            # count before yielding: a generator resumes only when the next index is asked for
-            self.drawn += 1
+            if p != p_cached:
+                p_cached, perm = p, self._perm(p)
+            yield int(perm[i]), pos
             pos += self.world_size
-            yield int(self._perm(p)[i])
 
-    def state_dict(self) -> dict:
-        """Indices drawn so far (enough to resume the same order)."""
-        return {"drawn": self.drawn}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue after ``state["drawn"]`` indices."""
-        self.drawn = int(state["drawn"])
+class SeededSamples(TorchDataset):
+    """A dataset indexed by ``(index, position)``: item ``index`` with randomness seeded by the position.
+
+    Before each item the random transforms are re-seeded from ``(seed, position)``, so a sample's
+    patch and augmentation depend only on its place in the stream: not on the worker process that
+    made it, not on what ran before it. Streams with 0, 1 or N workers, and a run resumed from
+    :meth:`UnpairedBatches.state_dict`, therefore yield identical batches.
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    @property
+    def transform(self) -> Compose:
+        """The wrapped dataset's transform chain."""
+        return self.dataset.transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, position = key
+        seed = int(np.random.SeedSequence([self.seed, position]).generate_state(1)[0])
+        self.dataset.transform.set_random_state(seed=seed)
+        return self.dataset[index]
 
 
 def _items(data_dir: Path, entries: list[ManifestEntry]) -> list[dict]:
@@ -98,10 +129,17 @@ def _items(data_dir: Path, entries: list[ManifestEntry]) -> list[dict]:
 
 
 class UnpairedBatches:
-    """Iterator of ``{"ct": {"image": (B,1,X,Y,Z), "label": (B,1,X,Y,Z)}, "mr": {...}}``, one per step."""
+    """Iterator of ``{"ct": {"image": (B_ct,1,X,Y,Z), "label": (B_ct,1,X,Y,Z)}, "mr": {...}}``, one per step.
+
+    Each modality is an endless stream of its own, so the smaller dataset simply starts its next
+    shuffled pass sooner and no epoch ends early; the CT:MR sampling ratio is the ratio of the
+    batch sizes (``train.batch_size``). :meth:`state_dict` counts the samples *consumed* (not those
+    prefetched by workers), so a resume continues exactly after the last batch used.
+    """
 
     def __init__(self, loaders: dict[str, DataLoader], samplers: dict[str, EndlessSampler]) -> None:
         self.loaders, self.samplers = loaders, samplers
+        self.consumed = {m: 0 for m in loaders}
         self._iters: dict[str, Iterator] = {}
 
     def __iter__(self) -> "UnpairedBatches":
@@ -111,37 +149,79 @@ class UnpairedBatches:
         out = {}
         for m, loader in self.loaders.items():
             if m not in self._iters:
+                self.samplers[m].start = self.consumed[m]
                 self._iters[m] = iter(loader)
             out[m] = next(self._iters[m])
+            self.consumed[m] += loader.batch_size
         return out
 
     def state_dict(self) -> dict:
-        """Sampler positions per modality."""
-        return {m: s.state_dict() for m, s in self.samplers.items()}
+        """Samples consumed per modality: ``{"ct": {"drawn": n}, "mr": {"drawn": n}}``."""
+        return {m: {"drawn": n} for m, n in self.consumed.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore sampler positions (call before the first batch is drawn)."""
-        for m, s in self.samplers.items():
-            s.load_state_dict(state[m])
+        """Continue after ``state[m]["drawn"]`` samples of each modality (prefetched batches are dropped)."""
+        for m in self.loaders:
+            self.consumed[m] = int(state[m]["drawn"])
+        self._iters.clear()
 
 
-def build_training_stream(cfg: ExperimentConfig, plan: Plan, split: Split, *, data_dir: str | Path, rank: int = 0, world_size: int = 1) -> UnpairedBatches:
-    """Cached datasets (deterministic part) plus random patch sampling, one endless loader per modality."""
-    data_dir = Path(data_dir)
+def batch_size(cfg: ExperimentConfig, plan: Plan, modality: str) -> int:
+    """Patches per step of ``modality``: ``train.batch_size`` when set, else the (resolved) plan's."""
+    return cfg.train.batch_size[modality] if cfg.train.batch_size is not None else int(plan.for_modality(modality).batch_size)
+
+
+def augment_device(cfg: ExperimentConfig) -> torch.device | None:
+    """Where the random part runs: the GPU when CUDA is used and ``data.augment_on_device``; else ``None`` (CPU workers)."""
+    if cfg.data.augment_on_device and cfg.train.device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def training_dataset(cfg: ExperimentConfig, plan: Plan, entries: list[ManifestEntry], *, data_dir: str | Path, modality: str,
+                     device: torch.device | None = None) -> Dataset:
+    """The training dataset of one modality: cached deterministic part (``data.cache``) plus the random part.
+
+    ``copy_cache=False``: the random part never writes into its input (the patch crop is a view, every
+    later transform makes new tensors), so the cached volume need not be copied at every step;
+    ``tests/data/test_transforms.py`` checks that the cache is unchanged after sampling.
+    """
+    chain = Compose(cached_training_transforms(cfg, plan, modality, device=device) + random_transforms(cfg, plan, modality))
+    items = _items(Path(data_dir), entries)
+    if cfg.data.cache == "memory":
+        return CacheDataset(items, transform=chain, cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
+    return Dataset(items, transform=chain)
+
+
+def build_training_stream(cfg: ExperimentConfig, plan: Plan, split: Split, *, data_dir: str | Path, rank: int = 0, world_size: int = 1,
+                          device: torch.device | str | None = "auto") -> UnpairedBatches:
+    """Cached datasets (deterministic part) plus random patch sampling, one endless loader per modality.
+
+    Args:
+        cfg: the experiment (batch sizes, workers, cache, augmentation).
+        plan: the dataset plan (spacing, intensities, patch size).
+        split: training entries per modality.
+        data_dir: the ingested dataset folder.
+        rank: this process's rank; world_size: number of processes (disjoint sample shards).
+        device: where the cached tensors live and the random part runs: ``"auto"`` =
+            :func:`augment_device`; ``None`` = CPU in ``data.num_workers`` worker processes; a device =
+            ``ToDeviced`` after the cached part and a thread loader without worker processes (CUDA
+            tensors cannot be shared with worker processes).
+    """
+    device = augment_device(cfg) if device == "auto" else (torch.device(device) if device is not None else None)
     loaders, samplers = {}, {}
     for k, m in enumerate(MODALITIES):
-        chain = deterministic_transforms(cfg, plan, m) + random_transforms(cfg, m)
-        items = _items(data_dir, split.train[m])
-        if cfg.data.cache == "memory":
-            ds = CacheDataset(items, transform=Compose(chain), cache_rate=1.0, num_workers=None, progress=False, copy_cache=True)
+        ds = training_dataset(cfg, plan, split.train[m], data_dir=data_dir, modality=m, device=device)
+        samplers[m] = EndlessSampler(len(ds), seed=cfg.seed * 2 + k, rank=rank, world_size=world_size)
+        seeded = SeededSamples(ds, seed=cfg.seed * 2 + k)
+        if device is not None:
+            loaders[m] = ThreadDataLoader(seeded, batch_size=batch_size(cfg, plan, m), sampler=samplers[m], num_workers=0,
+                                          collate_fn=list_data_collate)
         else:
-            ds = Dataset(items, transform=Compose(chain))
-        ds.transform.set_random_state(seed=cfg.seed + 7919 * (k + 1) + 104729 * rank)
-        samplers[m] = EndlessSampler(len(items), seed=cfg.seed * 2 + k, rank=rank, world_size=world_size)
-        loaders[m] = DataLoader(
-            ds, batch_size=cfg.train.batch_size[m], sampler=samplers[m], num_workers=cfg.data.num_workers,
-            collate_fn=list_data_collate, pin_memory=torch.cuda.is_available(), persistent_workers=cfg.data.num_workers > 0,
-        )
+            loaders[m] = DataLoader(
+                seeded, batch_size=batch_size(cfg, plan, m), sampler=samplers[m], num_workers=cfg.data.num_workers,
+                collate_fn=list_data_collate, pin_memory=torch.cuda.is_available(), persistent_workers=cfg.data.num_workers > 0,
+            )
     return UnpairedBatches(loaders, samplers)
 
 

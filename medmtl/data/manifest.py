@@ -9,7 +9,8 @@ Example line::
     {"case_id": "case-3f2a...", "modality": "CT", "image": "images/case-3f2a..._series-9b1c....nii.gz",
      "label": "labels/case-3f2a..._series-9b1c....nii.gz", "shape": [512, 512, 120],
      "spacing": [0.78, 0.78, 2.5], "series_key": "series-9b1c...", "orientation": "LPS", "n_slices": 120,
-     "content_hash": "sha256:...", "label_hash": "sha256:...", "source_hash": "..."}
+     "content_hash": "sha256:...", "label_hash": "sha256:...", "source_hash": "...",
+     "warnings": [], "label_source": "label_dir"}
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class ManifestEntry:
         label_hash: ``sha256:`` of the label file bytes, ``None`` when unlabelled.
         source_hash: keyed fingerprint of the source files and conversion settings (re-run detection).
         warnings: names of checks that corrected or flagged this series (see the ingest report).
+        label_source: where the label came from: ``label_dir`` (a NIfTI mask passed with ``--labels``),
+            ``dicom_seg`` (a DICOM SEG in the export), ``nnunet`` (``labelsTr/``); ``None`` when unlabelled.
     """
 
     case_id: str
@@ -57,6 +60,7 @@ class ManifestEntry:
     label_hash: str | None = None
     source_hash: str = ""
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    label_source: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""

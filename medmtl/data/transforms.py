@@ -1,13 +1,18 @@
 """MONAI transform chains per modality.
 
 Deterministic part (cached): load, channel first, orientation RAS, resample to the planned spacing,
-label values -> class indices, intensity normalization (CT: clip to the planned window, standardize
-with dataset statistics; MR: per-image z-score over the body), crop to the body.
-Random part (per step): pad to the patch size, patch sampling balanced between foreground classes
-and background, 3D affine and intensity augmentation (never a left-right flip: it would swap the
-left and right kidney).
+crop to the body, intensity normalization (CT: clip to the planned window, standardize with the
+dataset's foreground statistics, so the dataset's foreground has mean 0 and std 1; MR: per-image
+z-score over the body, so each image's body has mean 0 and std 1), label values -> class indices;
+for training also: pad to the patch size and the voxel positions of each class (so that patch
+sampling does not search the label map at every step), then, on CUDA, ``ToDeviced`` so that the cache
+lives on the GPU and the random part runs there.
+Random part (per step): patch sampling with ``pos_fraction`` of the patches centred on a foreground
+class (classes equally likely), 3D affine and intensity augmentation (never a left-right flip: it
+would swap the left and right kidney), optionally slice-consistent albumentations
+(:mod:`medmtl.data.augment`).
 
-The deterministic chain is returned as a flat list so that ``CacheDataset`` really caches it (a
+Chains are returned as flat lists so that ``CacheDataset`` really caches the deterministic part (a
 nested ``Compose`` counts as one random transform and silently caches nothing).
 """
 
@@ -21,7 +26,9 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
+    ClassesToIndicesd,
     CropForegroundd,
+    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
@@ -34,25 +41,23 @@ from monai.transforms import (
     RandShiftIntensityd,
     Spacingd,
     SpatialPadd,
+    ToDeviced,
     Transform,
 )
 
 from medmtl.config import ExperimentConfig
-from medmtl.data.plan import Plan
+from medmtl.data.augment import SliceConsistentAlbumentationsd
+from medmtl.data.plan import Plan, body_mask, resolve_plan
 
 __all__ = [
     "CTWindowZScore", "CTWindowZScored", "ForegroundZScore", "ForegroundZScored", "RemapLabels", "RemapLabelsd",
-    "body_mask", "deterministic_transforms", "random_transforms", "target_spacing", "ct_window",
+    "body_mask", "deterministic_transforms", "cached_training_transforms", "random_transforms", "target_spacing",
+    "ct_window", "patch_size", "CLASS_INDICES_KEY", "MAX_POSITIONS_PER_CLASS",
 ]
 
-
-def body_mask(x: torch.Tensor | np.ndarray, modality: str) -> torch.Tensor | np.ndarray:
-    """Voxels inside the body: CT above -500 HU; MR above 10% of the 99th percentile (raw intensities)."""
-    if modality == "ct":
-        return x > -500
-    flat = x.reshape(-1)
-    q = torch.quantile(flat.float()[:: max(1, flat.numel() // 200000)], 0.99) if isinstance(x, torch.Tensor) else np.percentile(flat, 99)
-    return x > 0.1 * q
+CLASS_INDICES_KEY = "label_cls_indices"
+# nnU-Net keeps at most 10000 voxel positions per class for foreground sampling; evenly spaced, deterministic
+MAX_POSITIONS_PER_CLASS = 10000
 
 
 class _BodySelect:
@@ -166,6 +171,13 @@ def ct_window(cfg: ExperimentConfig, plan: Plan) -> tuple[float, float, float, f
     return float(lo), float(hi), float(it["mean"]), float(it["std"])
 
 
+def patch_size(cfg: ExperimentConfig, plan: Plan, modality: str) -> tuple[int, int, int]:
+    """Training and sliding-window patch: the config's ``preprocess.patch_size``, else the plan's for ``cfg``."""
+    if cfg.preprocess.patch_size is not None:
+        return tuple(int(p) for p in cfg.preprocess.patch_size)
+    return tuple(int(p) for p in resolve_plan(plan, cfg).for_modality(modality).patch_size)
+
+
 def deterministic_transforms(cfg: ExperimentConfig, plan: Plan, modality: str, *, with_label: bool = True, crop: bool = True) -> list:
     """The cacheable chain for ``modality`` (``"ct"`` or ``"mr"``), as a flat list.
 
@@ -193,19 +205,42 @@ def deterministic_transforms(cfg: ExperimentConfig, plan: Plan, modality: str, *
     return chain
 
 
-def random_transforms(cfg: ExperimentConfig, modality: str) -> list:
-    """The per-step random chain: pad, class-balanced patch sampling, augmentation."""
+def cached_training_transforms(cfg: ExperimentConfig, plan: Plan, modality: str, *, device: torch.device | None = None) -> list:
+    """The deterministic training chain (what ``CacheDataset`` keeps), as a flat list.
+
+    :func:`deterministic_transforms`, then padding to the patch size and the positions of each class
+    (``CLASS_INDICES_KEY``, at most ``MAX_POSITIONS_PER_CLASS`` each) for :func:`random_transforms`.
+    With ``device`` (CUDA in training; any device in tests), ``ToDeviced`` moves image and label
+    there last, so the cache holds device tensors and the random part runs on that device.
+    """
+    n_cls = len(cfg.data.labels[modality])
+    chain = deterministic_transforms(cfg, plan, modality) + [
+        SpatialPadd(keys=["image", "label"], spatial_size=patch_size(cfg, plan, modality)),
+        ClassesToIndicesd(keys="label", indices_postfix="_cls_indices", num_classes=n_cls + 1, max_samples_per_class=MAX_POSITIONS_PER_CLASS),
+    ]
+    if device is not None:
+        chain.append(ToDeviced(keys=["image", "label"], device=device))
+    return chain
+
+
+def random_transforms(cfg: ExperimentConfig, plan: Plan, modality: str) -> list:
+    """The per-step random chain after :func:`cached_training_transforms`: patch sampling, augmentation.
+
+    Output: ``image`` ``(1, *patch)`` float32 and ``label`` ``(1, *patch)`` class indices, plain tensors.
+    A class absent from an image is skipped for that image (its share goes to the other classes).
+    """
     pp = cfg.preprocess
     n_cls = len(cfg.data.labels[modality])
+    patch = patch_size(cfg, plan, modality)
     # background weight so that foreground classes together get `pos_fraction` of the patches
     fg_each = pp.pos_fraction / n_cls
     ratios = [1.0 - pp.pos_fraction] + [fg_each] * n_cls
     chain: list = [
-        SpatialPadd(keys=["image", "label"], spatial_size=pp.patch_size),
         RandCropByLabelClassesd(
-            keys=["image", "label"], label_key="label", spatial_size=pp.patch_size, ratios=ratios,
-            num_classes=n_cls + 1, num_samples=1, warn=False,
+            keys=["image", "label"], label_key="label", spatial_size=patch, ratios=ratios,
+            num_classes=n_cls + 1, num_samples=1, indices_key=CLASS_INDICES_KEY, warn=False,
         ),
+        DeleteItemsd(keys=CLASS_INDICES_KEY),  # per-image lists of positions cannot be collated
     ]
     if pp.augment:
         chain += [
@@ -217,5 +252,7 @@ def random_transforms(cfg: ExperimentConfig, modality: str) -> list:
             RandShiftIntensityd(keys="image", offsets=0.1, prob=0.3),
             RandGaussianNoised(keys="image", std=0.05, prob=0.15),
         ]
+    if pp.albumentations.enabled:
+        chain.append(SliceConsistentAlbumentationsd.from_config(pp.albumentations, keys="image", label_keys="label"))
     chain.append(EnsureTyped(keys=["image", "label"], track_meta=False))
     return chain

@@ -17,7 +17,7 @@ from monai.transforms import Compose, Invertd
 
 from medmtl.config import ExperimentConfig
 from medmtl.data.plan import Plan
-from medmtl.data.transforms import deterministic_transforms
+from medmtl.data.transforms import deterministic_transforms, patch_size
 
 __all__ = ["Prediction", "Segmenter"]
 
@@ -38,6 +38,7 @@ class Segmenter:
         self.net, self.cfg, self.plan = net, cfg, plan
         self.device = torch.device(device)
         self.pre = {m: Compose(deterministic_transforms(cfg, plan, m, with_label=False, crop=False)) for m in ("ct", "mr")}
+        self.roi = {m: patch_size(cfg, plan, m) for m in ("ct", "mr")}
         self.values = {m: np.array([0] + list(cfg.data.labels[m]), dtype=np.int64) for m in ("ct", "mr")}
 
     @torch.no_grad()
@@ -46,7 +47,7 @@ class Segmenter:
         ev = self.cfg.eval
         x = image.unsqueeze(0).to(self.device)
         return sliding_window_inference(
-            x, roi_size=self.cfg.preprocess.patch_size, sw_batch_size=ev.sw_batch_size,
+            x, roi_size=self.roi[modality], sw_batch_size=ev.sw_batch_size,
             predictor=lambda t: self.net(t, modality).float(), overlap=ev.sw_overlap, mode=ev.sw_mode,
         )
 

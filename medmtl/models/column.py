@@ -61,6 +61,20 @@ class Stage(nn.Module):
         else:
             self.block = _unit(cfg, c_in, c_out, strides=2 if kind == "down" else 1)
 
+    def output_convs(self) -> list[nn.Conv3d]:
+        """The convolutions whose filters write the stage's output channels (channel ``c`` of the output
+        depends on filter ``c`` of each, through channel-wise norm and activation only).
+
+        A residual unit has two: the last convolution of its main path and its residual projection
+        (when that is a convolution). Sluice's orthogonality penalty splits these filters into subspaces.
+        """
+        if isinstance(self.block, ResidualUnit):
+            convs = [m for m in self.block.conv.modules() if isinstance(m, nn.Conv3d)][-1:]
+            if isinstance(self.block.residual, nn.Conv3d):
+                convs.append(self.block.residual)
+            return convs
+        return [self.block.conv]
+
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, c_in, ...) -> (B, c_out, ...)``; decoder stages take the skip tensor at the output size."""
         if self.kind == "decoder":

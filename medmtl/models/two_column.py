@@ -2,9 +2,12 @@
 
 Routing for unpaired data (DESIGN.md): without activation-mixing units each modality's batch runs
 through its own column only, and penalties or tied parameters couple the columns. With mixing units
-(cross-stitch) mixing two different patients' feature maps means nothing, so each modality's batch
-runs through *both* columns in lock-step (dual path, about twice the forward compute), mixed after
-the chosen stages, and is read out by its own column's head.
+(cross-stitch, sluice) mixing two different patients' feature maps means nothing, so each modality's
+batch runs through *both* columns in lock-step (dual path: about twice the forward compute up to the
+last mixing depth; the other column's later stages are skipped), mixed after the chosen stages, and
+is read out by its own column's head. A mechanism may also replace a head's input by a mix of layers
+of its column (sluice's beta). Optional deep supervision adds auxiliary heads on coarser decoder
+stages, read through :meth:`TwoColumnNet.forward_with_aux`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 
 from medmtl.config import ExperimentConfig
 from medmtl.models.column import Column
+from medmtl.models.deep_supervision import deep_supervision_weights
 from medmtl.sharing import SharingMechanism, build_mechanism
 
 __all__ = ["TwoColumnNet", "MODALITIES"]
@@ -25,14 +29,23 @@ class TwoColumnNet(nn.Module):
     """Two named-stage columns plus sharing mechanisms and one 1x1x1 head per modality.
 
     ``forward(x, modality)`` maps ``(B, in_channels, D, H, W)`` to logits ``(B, 1 + n_classes, D, H, W)``
-    of that modality's label map (channel 0 is background).
+    of that modality's label map (channel 0 is background). ``forward_with_aux`` adds the auxiliary
+    heads' logits of deep supervision.
     """
 
     def __init__(self, *, cfg: ExperimentConfig) -> None:
         super().__init__()
         self.columns = nn.ModuleDict({m: Column(cfg=cfg.model) for m in MODALITIES})
-        c0 = cfg.model.channels[0]
-        self.heads = nn.ModuleDict({m: nn.Conv3d(c0, 1 + len(cfg.data.labels[m]), kernel_size=1) for m in MODALITIES})
+        ch = cfg.model.channels
+        n_out = {m: 1 + len(cfg.data.labels[m]) for m in MODALITIES}
+        self.heads = nn.ModuleDict({m: nn.Conv3d(ch[0], n_out[m], kernel_size=1) for m in MODALITIES})
+        # deep supervision: one 1x1x1 head per modality on each listed decoder depth dec_i (channels[i])
+        self.aux_depths: list[str] = list(cfg.model.deep_supervision_depths)
+        self.aux_heads = nn.ModuleDict({
+            m: nn.ModuleDict({d: nn.Conv3d(ch[int(d.removeprefix("dec"))], n_out[m], kernel_size=1) for d in self.aux_depths})
+            for m in MODALITIES
+        })
+        self.deep_supervision_weights: dict[str, float] = deep_supervision_weights(self.aux_depths)
         self.sharing = nn.ModuleList()
         for mech_cfg in cfg.sharing:
             mech = build_mechanism(mech_cfg)
@@ -43,6 +56,10 @@ class TwoColumnNet(nn.Module):
         for mech in self.sharing:
             for depth in mech.mix_depths():
                 self._mixers.setdefault(depth, []).append(mech)
+        # index of the last stage after which a unit mixes (-1: single path)
+        self._last_mix = max((self.depth_names.index(d) for d in self._mixers), default=-1)
+        # at most one (the config refuses a second): it replaces each head's input by a mix of layers
+        self._head_mixer = next((mech for mech in self.sharing if mech.head_input_depths()), None)
 
     @property
     def dual_path(self) -> bool:
@@ -54,26 +71,66 @@ class TwoColumnNet(nn.Module):
         """Each spatial input size must be a multiple of this."""
         return 2 ** (self.columns["ct"].levels - 1)
 
-    def features(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        """Features of the last stage of ``modality``'s column, ``(B, channels[0], D, H, W)``."""
+    def _run(self, x: torch.Tensor, modality: str, taps: set[str]) -> dict[str, torch.Tensor]:
+        """Outputs of the stages in ``taps`` of ``modality``'s column (after mixing) for a batch of that modality.
+
+        Single path: only that column runs. Dual path: both columns run in lock-step on ``x`` and the
+        mixing units act after their depths; after the last mixing depth only ``modality``'s column
+        goes on (the other column's later stages could not reach this readout).
+        """
         if modality not in self.columns:
             raise KeyError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
-        if not self.dual_path:
-            return self.columns[modality](x)
-        h = {"ct": x, "mr": x}
-        skips: dict[str, dict[str, torch.Tensor]] = {"ct": {}, "mr": {}}
-        steps = {m: self.columns[m].stage_steps() for m in MODALITIES}
-        for (name, f_ct), (_, f_mr) in zip(steps["ct"], steps["mr"]):
-            h["ct"], h["mr"] = f_ct(h["ct"], skips["ct"]), f_mr(h["mr"], skips["mr"])
+        steps = {m: [fn for _, fn in self.columns[m].stage_steps()] for m in MODALITIES}
+        h = {m: x for m in MODALITIES}
+        skips: dict[str, dict[str, torch.Tensor]] = {m: {} for m in MODALITIES}
+        out: dict[str, torch.Tensor] = {}
+        for i, name in enumerate(self.depth_names):
+            active = MODALITIES if i <= self._last_mix else (modality,)
+            for m in active:
+                h[m] = steps[m][i](h[m], skips[m])
             for mech in self._mixers.get(name, ()):
                 h["ct"], h["mr"] = mech.mix(name, h["ct"], h["mr"])
             if name.startswith("enc"):
-                skips["ct"][name], skips["mr"][name] = h["ct"], h["mr"]
-        return h[modality]
+                for m in active:
+                    skips[m][name] = h[m]
+            if name in taps:
+                out[name] = h[modality]
+        return out
+
+    def _head_input(self, layers: dict[str, torch.Tensor], modality: str) -> torch.Tensor:
+        if self._head_mixer is None:
+            return layers[self.depth_names[-1]]
+        return self._head_mixer.head_input(modality, {d: layers[d] for d in self._head_mixer.head_input_depths()})
+
+    def _taps(self, aux: bool) -> set[str]:
+        taps = {self.depth_names[-1]}
+        if self._head_mixer is not None:
+            taps.update(self._head_mixer.head_input_depths())
+        if aux:
+            taps.update(self.aux_depths)
+        return taps
+
+    def features(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """Input of ``modality``'s head, ``(B, channels[0], D, H, W)``: the last stage's output, or the
+        mechanism's mix of layers (sluice beta)."""
+        return self._head_input(self._run(x, modality, self._taps(aux=False)), modality)
 
     def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         """Logits of ``modality``'s head for a batch of that modality."""
         return self.heads[modality](self.features(x, modality))
+
+    def forward_with_aux(self, x: torch.Tensor, modality: str) -> dict[str, torch.Tensor]:
+        """Main and auxiliary logits in one forward pass, for deep supervision.
+
+        Returns ``{"main": (B, 1 + n, D, H, W), "dec_i": (B, 1 + n, D/2**i, H/2**i, W/2**i), ...}``, the keys of
+        :attr:`deep_supervision_weights`; without deep supervision only ``"main"``. Pair it with
+        :func:`~medmtl.models.deep_supervision.deep_supervision_loss`.
+        """
+        layers = self._run(x, modality, self._taps(aux=True))
+        out = {"main": self.heads[modality](self._head_input(layers, modality))}
+        for d in self.aux_depths:
+            out[d] = self.aux_heads[modality][d](layers[d])
+        return out
 
     def penalties(self) -> dict[str, torch.Tensor]:
         """All sharing penalties, keyed ``kind/depth``."""

@@ -8,11 +8,13 @@ from medmtl.sharing.base import SharingMechanism
 from medmtl.sharing.cross_stitch import CrossStitch
 from medmtl.sharing.hard import HardSharing
 from medmtl.sharing.shared_kernels import SharedKernels
+from medmtl.sharing.sluice import Sluice
 from medmtl.sharing.soft import SoftSharing
 
 MECHANISMS: dict[str, type[SharingMechanism]] = {
     "soft": SoftSharing,
     "cross_stitch": CrossStitch,
+    "sluice": Sluice,
     "hard": HardSharing,
     "shared_kernels": SharedKernels,
 }

@@ -2,7 +2,7 @@
 
 A mechanism is attached once to the CT and MR columns. It may tie parameters (hard sharing, shared
 kernels), add a penalty on parameters (soft sharing), or mix the columns' activations after chosen
-stages (cross-stitch). The two-column net and the trainer only use this interface; no mechanism is
+stages (cross-stitch, sluice), or mix layers before the heads (sluice). The two-column net and the trainer only use this interface; no mechanism is
 named anywhere else.
 """
 
@@ -39,6 +39,14 @@ class SharingMechanism(nn.Module):
     def mix(self, depth: str, x_ct: torch.Tensor, x_mr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mix the two columns' outputs of stage ``depth``; both ``(B, C, D, H, W)``."""
         return x_ct, x_mr
+
+    def head_input_depths(self) -> list[str]:
+        """Depth names whose outputs :meth:`head_input` mixes before the heads (empty: the last stage feeds the head)."""
+        return []
+
+    def head_input(self, modality: str, layers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mix ``layers`` (depth -> ``(B, C, D, H, W)`` of ``modality``'s column) into that modality's head input."""
+        raise NotImplementedError(f"{type(self).__name__} does not mix layers before the heads")
 
     def penalties(self) -> dict[str, torch.Tensor]:
         """Penalty terms to add to the loss, keyed by depth (already multiplied by their weights)."""

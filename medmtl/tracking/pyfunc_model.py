@@ -4,27 +4,35 @@ It loads the ``state_dict`` with ``weights_only=True`` and runs the whole prepro
 sliding-window inference and inversion to the input grid, so a volume of any shape can be segmented
 (MLflow's default ``pt2`` PyTorch format freezes input shapes and cannot serve sliding windows).
 
-Input: a DataFrame with columns ``image`` (path to a NIfTI file readable by the serving process),
-``modality`` (``CT`` or ``MR``) and optionally ``output`` (where to write the label NIfTI).
-Output: one row per input with ``output`` (path or empty), ``shape`` and the voxel count per class.
+Input: a DataFrame, one row per volume, with
+
+* ``image``: a NIfTI file or a DICOM series folder readable by the serving process, or
+* ``array``: the volume ``(X, Y, Z)`` as nested lists, with ``affine`` (4x4 voxel -> RAS mm, default
+  identity): what a client sends to ``mlflow models serve`` as JSON;
+* ``modality``: ``CT`` or ``MR`` (optional for DICOM, where the header says it);
+* ``output`` (optional): where to write the label NIfTI (aligned to the input grid);
+* ``seg_output`` (optional, DICOM inputs): where to write a DICOM SEG.
+
+Output: one row per input with ``modality``, ``shape``, the paths written, the voxel count per class
+and, for ``array`` inputs, ``labels``: the label volume (original label values) as nested lists.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
 import yaml
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import Array
 
 __all__ = ["SegmentationModel", "log_segmentation_model", "MODEL_ARTIFACT_PATH", "model_signature"]
 
@@ -32,9 +40,20 @@ MODEL_ARTIFACT_PATH = "model"
 
 
 def model_signature(class_names: list[str]) -> ModelSignature:
-    """Explicit input/output schema of the pyfunc model."""
-    inputs = Schema([ColSpec("string", "image"), ColSpec("string", "modality"), ColSpec("string", "output", required=False)])
-    outputs = Schema([ColSpec("string", "output"), ColSpec("string", "shape")] + [ColSpec("long", f"voxels_{n}") for n in class_names])
+    """Explicit input/output schema of the pyfunc model (every input column is optional; rows are checked in ``predict``)."""
+    inputs = Schema([
+        ColSpec("string", "image", required=False),
+        ColSpec(Array(Array(Array("double"))), "array", required=False),
+        ColSpec(Array(Array("double")), "affine", required=False),
+        ColSpec("string", "modality", required=False),
+        ColSpec("string", "output", required=False),
+        ColSpec("string", "seg_output", required=False),
+    ])
+    outputs = Schema(
+        [ColSpec("string", "modality"), ColSpec("string", "shape"), ColSpec("string", "output"), ColSpec("string", "seg_output")]
+        + [ColSpec("long", f"voxels_{n}") for n in class_names]
+        + [ColSpec(Array(Array(Array("long"))), "labels", required=False)]
+    )
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
@@ -58,23 +77,39 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.segmenter = Segmenter(net.to(device), cfg, plan, device=device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        """Segment every row's image; write the label map when ``output`` is given."""
+        """Segment every row (NIfTI, DICOM folder or array); write the outputs that the row asks for."""
+        from medmtl.tracking.model_io import SegNotPossible, read_model_input, write_dicom_seg, write_nifti
+
+        all_names = _all_class_names(self.cfg)
         rows = []
-        for rec in model_input.to_dict(orient="records"):
-            modality = str(rec["modality"]).lower()
-            if modality not in ("ct", "mr"):
-                raise ValueError(f"row for {rec['image']}: modality must be CT or MR, got {rec['modality']!r}")
-            pred = self.segmenter.predict(Path(rec["image"]), modality)
-            out = rec.get("output") or ""
+        for i, rec in enumerate(model_input.to_dict(orient="records")):
+            rec = {k: (None if _missing(v) else v) for k, v in rec.items()}
+            inp = read_model_input(rec, where=f"row {i}")
+            try:
+                pred = self.segmenter.predict(inp.nifti, inp.modality)
+            finally:
+                inp.cleanup()
+            names = list(self.cfg.data.labels[inp.modality].values())
+            out, seg_out = rec.get("output") or "", rec.get("seg_output") or ""
             if out:
-                _write_nifti(pred.labels.astype(np.uint8), pred.affine, Path(out))
-            names = list(self.cfg.data.labels[modality].values())
+                write_nifti(pred.labels.astype(np.uint8), inp.affine, Path(out))
+            if seg_out:
+                if inp.kind != "dicom":
+                    raise ValueError(f"row {i}: seg_output needs a DICOM series folder as input")
+                try:
+                    write_dicom_seg(pred.class_indices, inp.dicom_plan, names, Path(seg_out))
+                except SegNotPossible as why:
+                    seg_out = f"not written: {why}"
             counts = np.bincount(pred.class_indices.reshape(-1), minlength=len(names) + 1)
-            row = {"output": out, "shape": json.dumps(list(pred.labels.shape))}
-            all_names = _all_class_names(self.cfg)
+            row = {"modality": inp.modality.upper(), "shape": json.dumps(list(pred.labels.shape)), "output": out, "seg_output": seg_out}
             row.update({f"voxels_{n}": int(counts[1 + names.index(n)]) if n in names else 0 for n in all_names})
+            row["labels"] = pred.labels.astype(int).tolist() if inp.kind == "array" else None
             rows.append(row)
         return pd.DataFrame(rows)
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
 
 
 def _all_class_names(cfg) -> list[str]:
@@ -86,28 +121,13 @@ def _all_class_names(cfg) -> list[str]:
     return seen
 
 
-def _write_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write atomically (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(arr, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pred-", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def log_segmentation_model(*, run_id: str, tracking_uri: str, net: torch.nn.Module, cfg_yaml: str, plan: dict, class_names: list[str]) -> str:
     """Log the pyfunc model (weights, config, plan, medmtl source) into ``run_id``; returns its model URI."""
     import medmtl
 
-    mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
+    from medmtl.tracking.store import using_tracking_uri
+
+    with tempfile.TemporaryDirectory() as tmp, using_tracking_uri(tracking_uri):
         tmp = Path(tmp)
         # ship the library the model needs, not the synthetic-export generator (its fake-name pools
         # would put patient-like strings into every model) nor byte caches
@@ -119,12 +139,15 @@ def log_segmentation_model(*, run_id: str, tracking_uri: str, net: torch.nn.Modu
         reqs = [
             f"torch=={torch.__version__.split('+')[0]}", f"monai=={_version('monai')}", f"nibabel=={_version('nibabel')}",
             f"mlflow=={mlflow.__version__}", f"pydantic=={_version('pydantic')}", f"pyyaml=={_version('yaml')}",
-            f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
+            f"numpy=={np.__version__}", f"pandas=={pd.__version__}", f"pydicom=={_version('pydicom')}",
+            f"highdicom=={_version('highdicom')}",
         ]
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # the signature is explicit; an input example would make MLflow run a whole inference at log time
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT_PATH,
-                python_model=SegmentationModel(),
+                python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # models from code: nothing pickled
                 artifacts={"weights": str(tmp / "weights.pt"), "config": str(tmp / "config.yaml"), "plan": str(tmp / "plan.json")},
                 code_paths=[str(pkg_dir)],
                 pip_requirements=reqs,

@@ -1,19 +1,28 @@
 """Where runs go: a tracking server from ``MLFLOW_TRACKING_URI`` / the config, or the embedded store.
 
 The embedded default is a SQLite database and an artifact folder under ``mlflow/`` (MLflow 3.x refuses
-the plain file store). The database is created once, here, before any worker or rank starts, since
-two processes racing to create a fresh database fail.
+the plain file store). A fresh SQLite database is created and migrated by the first client that opens
+it, and two processes doing that at once fail ("table already exists", "database is locked"). So the
+store is prepared exactly once, by :func:`prepare_store`, in the launching process before any worker or
+rank starts (``run_training`` calls it through :func:`ensure_experiment` on rank 0 before the trainer
+exists, and under a file lock, so two runs started at the same moment are safe too). A tracking server
+owns its database; nothing is prepared on the client side then.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-__all__ = ["resolve_tracking_uri", "embedded_store", "ensure_experiment", "ui_command"]
+__all__ = ["resolve_tracking_uri", "embedded_store", "prepare_store", "ensure_experiment", "ui_command",
+           "apply_http_settings", "using_tracking_uri", "DEFAULT_STORE_DIR"]
 
 DEFAULT_STORE_DIR = Path("mlflow")
 
@@ -28,19 +37,93 @@ def embedded_store(root: str | Path = DEFAULT_STORE_DIR) -> tuple[str, str]:
 def resolve_tracking_uri(configured: str | None) -> tuple[str, str | None]:
     """``(tracking_uri, artifact_root or None)``: config value, else ``$MLFLOW_TRACKING_URI``, else embedded."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri.startswith("sqlite:///"):
+        # artifacts beside the database, not in MLflow's default ./mlruns of whatever folder we run in
+        return uri, (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
     if uri:
         return uri, None
     return embedded_store()
 
 
+def apply_http_settings(tracking) -> None:
+    """Bound MLflow's HTTP timeouts and retries for this process from a ``TrackingConfig``.
+
+    MLflow reads these environment variables at every request; its defaults (120 s timeout, 7 retries
+    with backoff 2) block one call for minutes when the server is down. The config wins over values
+    already in the environment, so a run behaves as its logged config says.
+    """
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(tracking.http_timeout_s))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(int(tracking.http_max_retries))
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(int(tracking.http_backoff_factor))
+
+
+@contextmanager
+def _store_lock(tracking_uri: str) -> Iterator[None]:
+    """Exclusive lock beside a SQLite database (no-op for servers and other databases)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def prepare_store(tracking_uri: str) -> None:
+    """Create and migrate an embedded SQLite store once; call before starting workers or ranks.
+
+    Idempotent and safe against concurrent callers (file lock). For a server URI it does nothing.
+    """
+    if not tracking_uri.startswith("sqlite:"):
+        return
+    with _store_lock(tracking_uri):
+        # the first query creates the tables and runs MLflow's migrations
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+
+
 def ensure_experiment(name: str, tracking_uri: str, artifact_root: str | None) -> str:
-    """Create (once) or look up the experiment; returns its id. Also initializes a fresh SQLite database."""
-    mlflow.set_tracking_uri(tracking_uri)
+    """Prepare the store, then create (once) or look up the experiment; returns its id."""
+    prepare_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=f"{artifact_root}/{name}" if artifact_root else None)
+    with _store_lock(tracking_uri):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=f"{artifact_root}/{name}" if artifact_root else None)
+        except MlflowException:
+            # another client of the same server created it in between
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+
+@contextmanager
+def using_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """Make ``tracking_uri`` MLflow's process-wide URI for a block, then restore the previous one.
+
+    Some MLflow calls read only the global URI (fluent ``start_run``, resolving a ``models:/<id>``
+    source when a version is created); setting it for good would send later calls of the same process
+    (tests, notebooks, a second run) to this store, and ``mlflow.set_tracking_uri`` also rewrites
+    ``MLFLOW_TRACKING_URI`` in the environment.
+    """
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_global, old_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_global)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 def ui_command(tracking_uri: str) -> str:

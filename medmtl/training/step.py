@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from medmtl.models.deep_supervision import deep_supervision_loss
 from medmtl.training.distributed import DistributedContext, all_reduce_mean, average_gradients
 from medmtl.training.precision import Precision
 from medmtl.weighting.base import LossWeighting
@@ -96,13 +97,15 @@ def train_step(
     losses: dict[str, float] = {}
     norms: dict[str, float] = {}
     # a method may drop a task for this step (DST); a dropped task is not forwarded at all
+    aux = hasattr(net, "forward_with_aux")  # any module with forward(x, task) trains; TwoColumnNet adds aux heads
     for task in weighting.select_tasks(tuple(batch)):
         b = batch[task]
         x = b["image"].to(device, non_blocking=True)
         y = b["label"].to(device, non_blocking=True)
         with precision.autocast():
-            logits = net(x, task)
-        loss = loss_fn(logits.float(), y)
+            outputs = net.forward_with_aux(x, task) if aux else {"main": net(x, task)}
+        # main logits plus any deep-supervision heads (exactly loss_fn(logits, y) without them)
+        loss = deep_supervision_loss(loss_fn, outputs, y, net.deep_supervision_weights if aux else {"main": 1.0})
         term = weighting.task_terms({task: loss})[task]
         scaler.scale(term).backward()
         losses[task] = float(loss.detach())

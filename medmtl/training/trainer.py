@@ -17,7 +17,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from medmtl.config import ExperimentConfig
-from medmtl.data.loaders import Split, build_training_stream
+from medmtl.data.loaders import Split, augment_device, build_training_stream
 from medmtl.data.plan import Plan
 from medmtl.evaluation.evaluate import Evaluation, evaluate_cases
 from medmtl.evaluation.inference import Segmenter
@@ -96,7 +96,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(0.0, 1.0 - s / steps) ** power)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
         self.probe = GradientProbe(self.net.depth_parameters(cfg.weighting.depth), self.dist) if self.weighting.needs_grad_norms else None
-        self.stream = build_training_stream(cfg, plan, split, data_dir=self.data_dir, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.stream = build_training_stream(cfg, plan, split, data_dir=self.data_dir, rank=self.dist.rank, world_size=self.dist.world_size,
+                                            device=augment_device(cfg) and self.device if self.device.type == "cuda" else None)
         self.step = 0
         self.skipped = 0
         self.best_score = -math.inf

@@ -4,10 +4,19 @@
 """
 
 from medmtl.weighting.base import LossWeighting
+from medmtl.weighting.dst import DroppedScheduledTask
+from medmtl.weighting.dwa import DynamicWeightAverage
 from medmtl.weighting.equal import EqualWeighting
 from medmtl.weighting.gradnorm import GradNorm
+from medmtl.weighting.uncertainty import UncertaintyWeighting
 
-METHODS: dict[str, type[LossWeighting]] = {"equal": EqualWeighting, "gradnorm": GradNorm}
+METHODS: dict[str, type[LossWeighting]] = {
+    "equal": EqualWeighting,
+    "gradnorm": GradNorm,
+    "uncertainty": UncertaintyWeighting,
+    "dwa": DynamicWeightAverage,
+    "dst": DroppedScheduledTask,
+}
 
 
 def build_weighting(cfg, tasks: tuple[str, ...]) -> LossWeighting:

@@ -51,8 +51,11 @@ class GradNorm(LossWeighting):
         """One GradNorm update from this step's losses and measured ``G_i``; nothing on a skipped step."""
         if not applied or grad_norms is None:
             return
-        L = torch.tensor([float(losses[t]) for t in self.tasks])
-        G_measured = torch.tensor([float(grad_norms[t]) for t in self.tasks])
+        # on w's device: the weighting module follows the net to CUDA, and mixing devices would fail there
+        L = torch.tensor([float(losses[t]) for t in self.tasks], device=self.w.device)
+        G_measured = torch.tensor([float(grad_norms[t]) for t in self.tasks], device=self.w.device)
+        if not bool(torch.isfinite(L).all() and torch.isfinite(G_measured).all()):
+            return  # an inf norm would turn the weights into NaN for the rest of the run; treat as skipped
         L0 = self._initial_losses(L)
         ratio = L / L0
         r = ratio / ratio.mean()
@@ -74,7 +77,7 @@ class GradNorm(LossWeighting):
 
     def log_values(self) -> dict[str, float]:
         """Weights plus the last update's ``G_i``, ``r_i`` and ``L_grad``."""
-        out = {f"weight/{t}": float(self.w[i]) for i, t in enumerate(self.tasks)}
+        out = {f"weight/{t}": float(self.w[i].detach()) for i, t in enumerate(self.tasks)}
         out.update({f"gradnorm/{k}": v for k, v in self.last.items()})
         return out
 

@@ -336,3 +336,20 @@ def test_pydicom_warnings_with_values_do_not_reach_the_log(tmp_path, caplog):
         report = ingest(tmp_path / "export", tmp_path / "data", progress=False)
     assert "QUIXOTE" not in caplog.text.upper()
     assert report.n_accepted == 1  # a malformed optional element does not cost the slice
+
+
+def test_second_ingest_into_the_same_data_dir_is_refused_while_the_first_runs(tmp_path):
+    import fcntl
+
+    write_series(tmp_path / "export" / "S", n=4)
+    out = tmp_path / "data"
+    out.mkdir()
+    with open(out / ".ingest.lock", "a+") as held:  # what a running ingest holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on otherhost\n")
+        held.flush()
+        with pytest.raises(IngestError, match=r"another ingest \(pid 4242 on otherhost\) is writing into .*wait for it"):
+            ingest(tmp_path / "export", out, progress=False)
+        assert not (out / "manifest.jsonl").exists() and not (out / "images").exists()
+    report = ingest(tmp_path / "export", out, progress=False)  # released (as when that process ends)
+    assert report.n_accepted == 1

@@ -62,7 +62,7 @@ def test_soft_penalty_is_zero_for_identical_columns_and_matches_hand_computation
     net.columns["mr"].load_state_dict(net.columns["ct"].state_dict())
     pens = net.penalties()
     assert set(pens) == {"soft/enc0", "soft/dec0"}
-    assert all(float(v) == 0.0 for v in pens.values())
+    assert all(float(v.detach()) == 0.0 for v in pens.values())
     torch.manual_seed(1)
     with torch.no_grad():
         for p in net.columns["mr"].parameters():
@@ -72,8 +72,8 @@ def test_soft_penalty_is_zero_for_identical_columns_and_matches_hand_computation
         a = penalized_parameters(net.columns["ct"].stages[depth], exclude_norm_and_bias=True)
         b = penalized_parameters(net.columns["mr"].stages[depth], exclude_norm_and_bias=True)
         assert all("norm" not in n.lower() and not n.endswith("bias") for n, _ in a)
-        hand = weight * sum(float(((pa.double() - pb.double()) ** 2).sum()) for (_, pa), (_, pb) in zip(a, b))
-        assert float(pens[f"soft/{depth}"]) == pytest.approx(hand, rel=1e-5)
+        hand = weight * sum(float(((pa.detach().double() - pb.detach().double()) ** 2).sum()) for (_, pa), (_, pb) in zip(a, b))
+        assert float(pens[f"soft/{depth}"].detach()) == pytest.approx(hand, rel=1e-5)
 
 
 def test_soft_penalty_can_include_norms_and_biases():
@@ -173,3 +173,11 @@ def test_penalties_and_mixing_combine_at_different_depths():
     vals = net.sharing_log_values()
     assert "soft/enc0/sq_distance" in vals and "cross_stitch/bottleneck/ct_mr" in vals
     assert vals["cross_stitch/bottleneck/ct_mr"] == pytest.approx(0.1)
+
+
+def test_dual_path_skips_the_other_columns_stages_after_the_last_mixing_depth():
+    net = TwoColumnNet(cfg=_cfg([{"kind": "cross_stitch", "depths": ["enc1"]}]))
+    net(_x(), "ct").mean().backward()
+    mr = net.columns["mr"].stages
+    assert all(p.grad is not None for d in ("enc0", "enc1") for p in mr[d].parameters())
+    assert all(p.grad is None for d in ("bottleneck", "dec1", "dec0") for p in mr[d].parameters())

@@ -1,5 +1,7 @@
 """GradNorm: measured norms equal autograd's, one update equals the published formula by hand."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,56 @@ def test_skipped_step_leaves_weights_untouched_and_state_round_trips():
         a.after_step({"ct": 0.7, "mr": 0.9}, {"ct": 4.0, "mr": 2.0}, applied=True)
         b.after_step({"ct": 0.7, "mr": 0.9}, {"ct": 4.0, "mr": 2.0}, applied=True)
     torch.testing.assert_close(gn.w.detach(), clone.w.detach(), rtol=0, atol=0)
+
+
+def _scaled_step(scale, batch, loss_factor=1.0):
+    """One GradNorm step of the tiny net with a real (CPU) GradScaler at ``scale``; ``None`` = no scaler.
+
+    fp16 autocast needs CUDA, so this exercises the fp16 *control path* in fp32 arithmetic: scaled
+    backward passes, the probe dividing by the loss scale, unscale_, the scaler's inf check and skip.
+    """
+    torch.manual_seed(0)
+    cfg = validate_config({**CFG, "sharing": [{"kind": "soft", "depths": {"bottleneck": 0.1}}],
+                           "weighting": {"method": "gradnorm", "depth": "bottleneck"}})
+    net = TwoColumnNet(cfg=cfg)
+    weighting = build_weighting(cfg.weighting, ("ct", "mr"))
+    precision = Precision("fp32", torch.device("cpu"))
+    if scale is not None:
+        precision.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    loss_fn = lambda logits, y: loss_factor * dice_ce(logits, y)  # noqa: E731
+    res = train_step(net=net, batch=batch, loss_fn=loss_fn, weighting=weighting, optimizer=opt, precision=precision,
+                     grad_clip=None, probe=GradientProbe(net.depth_parameters("bottleneck")), device=torch.device("cpu"))
+    return res, net, weighting, precision
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 14, 2.0 ** 120])
+def test_loss_scaled_step_reads_unscaled_norms_and_updates_as_unscaled(scale):
+    # 2^120: the scaled gradients are still finite, but the sum of their squares is not
+    batch = _batch(2)
+    plain, net0, w0, _ = _scaled_step(None, batch)
+    scaled, net1, w1, precision = _scaled_step(scale, batch)
+    assert scaled.applied and precision.loss_scale == scale
+    for m in ("ct", "mr"):
+        assert scaled.task_grad_norms[m] == pytest.approx(plain.task_grad_norms[m], rel=1e-6)
+    torch.testing.assert_close(w1.w.detach(), w0.w.detach(), rtol=1e-6, atol=0)
+    assert not torch.equal(w1.w.detach(), torch.ones(2))
+    for (k, a), (_, b) in zip(net0.state_dict().items(), net1.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_overflowing_scaled_step_is_skipped_and_leaves_gradnorm_untouched():
+    # a large loss at a large scale: the scaled gradients overflow, as in an fp16 step whose scale is too high
+    res, net, weighting, precision = _scaled_step(2.0 ** 120, _batch(2), loss_factor=1e6)
+    assert not res.applied and not math.isfinite(res.task_grad_norms["ct"])
+    assert precision.loss_scale == 2.0 ** 119  # the scaler backed off
+    torch.testing.assert_close(weighting.w.detach(), torch.ones(2), rtol=0, atol=0)
+    assert int(weighting.initial_loss_count) == 0 and weighting.last == {}
+
+
+def test_non_finite_norms_never_reach_the_weights():
+    cfg = validate_config({"weighting": {"method": "gradnorm"}}).weighting
+    gn = GradNorm(cfg=cfg, tasks=("ct", "mr"))
+    gn.after_step({"ct": 1.0, "mr": 1.0}, {"ct": float("inf"), "mr": 1.0}, applied=True)
+    torch.testing.assert_close(gn.w.detach(), torch.ones(2), rtol=0, atol=0)

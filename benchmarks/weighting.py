@@ -1,0 +1,145 @@
+"""Training-step time of every loss-weighting method as a ratio to equal weighting (JSON lines).
+
+A step is the real :func:`medmtl.training.step.train_step` (CT then MR forward and backward, the
+GradNorm probe between them when the method asks for it, penalties, clipping, AdamW, the method's
+``after_step``) on the demo model (``configs/demo.yaml``: channels 8-16-32-64, one residual unit,
+soft sharing on enc0/enc1, 2 CT + 2 MR random patches of 64x64x32, DiceCE, fp32). GradNorm's ``W`` is
+the bottleneck (its default). Methods are interleaved round by round; each ratio is the median over
+rounds of (method's median step time / equal weighting's median step time in the same round), so a
+slow moment of a shared machine hits every method alike. Target: GradNorm <= 1.05x equal.
+
+Each line also gives ``weighting_overhead_fraction``: the time spent inside the method's hooks and the
+probe's reads as a fraction of the step (the task terms include the weighted losses' multiply); unlike
+the ratio it is measured within each step, so a busy machine disturbs it much less.
+
+DST starts with nothing to drop (drop probabilities grow with progress and stalls); its line reports
+the fraction of task forwards it actually ran, since dropping saves whole forward/backward passes.
+
+    python benchmarks/weighting.py               # ~2-3 minutes on 2 CPU cores
+    python benchmarks/weighting.py --rounds 3    # quicker, noisier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from monai.losses import DiceCELoss
+
+from medmtl.config import validate_config
+from medmtl.models.two_column import MODALITIES, TwoColumnNet
+from medmtl.training.precision import Precision
+from medmtl.training.step import GradientProbe, train_step
+from medmtl.weighting import METHODS, build_weighting
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Setup:
+    """One method's net, weighting, optimizer and probe, all from the demo config."""
+
+    def __init__(self, method: str, device: torch.device) -> None:
+        raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+        raw["weighting"] = {"method": method}
+        self.cfg = cfg = validate_config(raw, "benchmarks/weighting.py")
+        torch.manual_seed(cfg.seed)  # the same initial net for every method
+        self.net = TwoColumnNet(cfg=cfg).to(device)
+        self.weighting = build_weighting(cfg.weighting, MODALITIES).to(device)
+        groups = self.net.param_groups(cfg.train.lr, cfg.train.weight_decay) + self.weighting.param_groups()
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=True)
+        depth = getattr(cfg.weighting, "depth", None)
+        self.probe = GradientProbe(self.net.depth_parameters(depth)) if self.weighting.needs_grad_norms else None
+        self.precision = Precision("fp32", device)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.device = device
+        self.forwards = 0
+        # seconds spent inside the weighting machinery (hooks and probe reads), summed since the last reset
+        self.overhead = 0.0
+        for owner, name in ((self.weighting, "select_tasks"), (self.weighting, "task_terms"),
+                            (self.weighting, "after_step"), (self.probe, "read")):
+            if owner is not None:
+                object.__setattr__(owner, name, self._timed(getattr(owner, name)))
+
+    def _timed(self, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.overhead += time.perf_counter() - t0
+        return wrapper
+
+    def step(self, batch: dict) -> None:
+        res = train_step(net=self.net, batch=batch, loss_fn=self.loss_fn, weighting=self.weighting, optimizer=self.optimizer,
+                         precision=self.precision, grad_clip=self.cfg.train.grad_clip, probe=self.probe, device=self.device)
+        self.forwards += len(res.losses)
+
+
+def random_batches(cfg, n: int, device: torch.device) -> list[dict]:
+    """``n`` random batches of the demo's patch size and label count (made once, outside the timing)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        b = {}
+        for m in MODALITIES:
+            shape = (cfg.train.batch_size[m], 1, *cfg.preprocess.patch_size)
+            b[m] = {"image": torch.randn(shape, generator=g).to(device),
+                    "label": torch.randint(0, 1 + len(cfg.data.labels[m]), shape, generator=g).to(device)}
+        out.append(b)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds (each runs every method)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per method per round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per method before the first round")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    methods = ["equal"] + sorted(m for m in METHODS if m != "equal")
+    setups = {m: Setup(m, device) for m in methods}
+    batches = random_batches(setups["equal"].cfg, 4, device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for s in setups.values():
+        for i in range(args.warmup):
+            s.step(batches[i % len(batches)])
+        s.forwards = 0
+    times: dict[str, list[float]] = {m: [] for m in methods}  # per round: median step seconds
+    overhead: dict[str, list[float]] = {m: [] for m in methods}  # per round: weighting seconds / step seconds
+    for r in range(args.rounds):
+        # rotate the order so no method always runs right after another
+        for m in methods[r % len(methods):] + methods[: r % len(methods)]:
+            step_times = []
+            setups[m].overhead = 0.0
+            for i in range(args.steps):
+                sync()
+                t0 = time.perf_counter()
+                setups[m].step(batches[i % len(batches)])
+                sync()
+                step_times.append(time.perf_counter() - t0)
+            times[m].append(statistics.median(step_times))
+            overhead[m].append(setups[m].overhead / sum(step_times))
+    for m in methods:
+        ratios = [a / b for a, b in zip(times[m], times["equal"])]
+        line = {
+            "benchmark": "weighting_step", "method": m, "ratio_to_equal": round(statistics.median(ratios), 4),
+            "median_step_s": round(statistics.median(times[m]), 4), "rounds": args.rounds, "steps_per_round": args.steps,
+            "weighting_overhead_fraction": round(statistics.median(overhead[m]), 5),
+            "forwarded_fraction": round(setups[m].forwards / (2 * args.rounds * args.steps), 3),
+            "device": device.type, "threads": torch.get_num_threads(),
+        }
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()

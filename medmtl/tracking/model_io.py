@@ -1,0 +1,210 @@
+"""What the deployable model reads and writes: NIfTI files, DICOM series folders, arrays; NIfTI and DICOM SEG.
+
+Inputs become one NIfTI file on the input's own grid, so that every kind goes through exactly the same
+preprocessing, sliding-window inference and inversion as training-time evaluation:
+
+* a NIfTI file: used as it is;
+* a DICOM series folder: read with :mod:`medmtl.data.dicom_series` (the same header checks, slice
+  ordering and geometry as ingest; read-only), written to a temporary NIfTI on the DICOM grid;
+* an array ``(X, Y, Z)`` with its 4x4 RAS affine (e.g. JSON lists sent to a served model).
+
+DICOM headers carry patient data. Nothing here logs or returns header values: errors name the folder and
+the check that failed, and the returned :class:`ModelInput` keeps the DICOM datasets' paths only to write
+a DICOM SEG for the user (which, as DICOM requires, references the source patient and study).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["ModelInput", "read_model_input", "read_dicom_series", "write_nifti", "write_dicom_seg", "SegNotPossible"]
+
+
+class SegNotPossible(ValueError):
+    """A DICOM SEG cannot reference the source frames one to one (the message says why)."""
+
+
+@dataclass
+class ModelInput:
+    """One input ready for the segmenter.
+
+    Attributes:
+        kind: ``nifti``, ``dicom`` or ``array``.
+        modality: ``ct`` or ``mr``.
+        nifti: NIfTI file on the input grid (temporary for DICOM and arrays; see :meth:`cleanup`).
+        shape: input grid ``(X, Y, Z)``.
+        affine: 4x4 voxel-to-RAS affine of the input grid.
+        dicom_plan: the accepted :class:`~medmtl.data.dicom_series.SeriesPlan` for DICOM inputs.
+    """
+
+    kind: str
+    modality: str
+    nifti: Path
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    dicom_plan: object | None = None
+    _tmpdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    def cleanup(self) -> None:
+        """Remove the temporary NIfTI, if any."""
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+
+def _modality(value, where: str) -> str:
+    m = str(value or "").strip().lower()
+    if m not in ("ct", "mr"):
+        raise ValueError(f"{where}: modality must be CT or MR, got {value!r}")
+    return m
+
+
+def write_nifti(arr: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write ``arr`` with ``affine`` (qform and sform, code 1) atomically; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(arr, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pred-", suffix=suffix)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_dicom_series(folder: str | Path):
+    """``(volume (X, Y, Z), plan)`` of the one CT or MR image series in ``folder`` (searched recursively).
+
+    Raises ``ValueError`` naming the folder when it holds no acceptable series (with the failed checks)
+    or several (pass one series folder then).
+    """
+    from medmtl.data.dicom_series import SkippedFile, assemble_series, check_series, quiet_pydicom, read_volume, scan_file
+
+    folder = Path(folder)
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+    with quiet_pydicom():
+        slices = []
+        for f in files:
+            res = scan_file(f)
+            if not isinstance(res, SkippedFile):
+                slices.extend(res)
+        plans = [check_series(c) for c in assemble_series(slices)]
+        accepted = [p for p in plans if p.accepted and p.modality in ("CT", "MR")]
+        if not accepted:
+            why = sorted({f"{r}: {p.details.get(r, '')}" for p in plans for r in p.reasons})
+            raise ValueError(f"{folder}: no CT or MR image series to segment ({len(files)} files"
+                             + (f"; rejected: {'; '.join(why)}" if why else "") + ")")
+        if len(accepted) > 1:
+            raise ValueError(f"{folder}: holds {len(accepted)} image series; pass the folder of one series")
+        plan = accepted[0]
+        rel = lambda p: os.path.relpath(p, folder)  # noqa: E731 - error messages name files relative to the input
+        return read_volume(plan, relpath=rel), plan
+
+
+def read_model_input(row: dict, where: str = "input") -> ModelInput:
+    """Turn one input row (``image`` path or ``array`` + ``affine``, ``modality``) into a :class:`ModelInput`."""
+    image = row.get("image")
+    array = row.get("array")
+    if isinstance(image, str) and image:
+        p = Path(image)
+        if p.is_dir():
+            vol, plan = read_dicom_series(p)
+            modality = _modality(row.get("modality") or plan.modality, f"{where} ({p})")
+            if row.get("modality") and modality != plan.modality.lower():
+                raise ValueError(f"{where} ({p}): modality {row['modality']!r} given, but the series is {plan.modality}")
+            return _from_array(vol, np.asarray(plan.affine, dtype=np.float64), "dicom", modality, plan)
+        if not p.is_file():
+            raise FileNotFoundError(f"{where}: image {p} not found (a NIfTI file or a DICOM series folder)")
+        img = nib.load(str(p))
+        return ModelInput("nifti", _modality(row.get("modality"), f"{where} ({p})"), p, tuple(int(s) for s in img.shape[:3]),
+                          np.asarray(img.affine, dtype=np.float64))
+    if array is not None and not (isinstance(array, float) and np.isnan(array)):
+        vol = np.asarray(array, dtype=np.float32)
+        if vol.ndim != 3:
+            raise ValueError(f"{where}: array must have three dimensions (X, Y, Z), got shape {vol.shape}")
+        affine = row.get("affine")
+        aff = np.eye(4) if affine is None or (isinstance(affine, float) and np.isnan(affine)) else np.asarray(affine, dtype=np.float64)
+        if aff.shape != (4, 4):
+            raise ValueError(f"{where}: affine must be a 4x4 list of lists (voxel -> RAS mm), got shape {aff.shape}")
+        return _from_array(vol, aff, "array", _modality(row.get("modality"), where), None)
+    raise ValueError(f"{where}: give 'image' (a NIfTI file or DICOM series folder) or 'array' (+ 'affine')")
+
+
+def _from_array(vol: np.ndarray, affine: np.ndarray, kind: str, modality: str, plan) -> ModelInput:
+    tmp = tempfile.TemporaryDirectory(prefix="medmtl-input-")
+    path = write_nifti(np.asarray(vol), affine, Path(tmp.name) / "image.nii")
+    return ModelInput(kind, modality, path, tuple(int(s) for s in vol.shape), affine, plan, tmp)
+
+
+# ----------------------------------------------------------------------------------------- DICOM SEG
+def _segment_code(name: str):
+    from pydicom.sr.codedict import codes
+
+    organ = name.split("_")[0].capitalize()
+    return getattr(codes.SCT, organ, None) or codes.SCT.Tissue
+
+
+def write_dicom_seg(labels: np.ndarray, plan, class_names: list[str], path: str | Path, *, model_version: str = "") -> Path:
+    """Write a DICOM SEG (highdicom, binary, one segment per class present) for a DICOM input.
+
+    ``labels`` holds class indices ``1..n`` (0 background) on the series grid ``(X, Y, Z)`` built by
+    :func:`read_dicom_series`. The SEG references the source instances and so, as DICOM requires,
+    carries their patient and study; it goes to the user, never to MLflow.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    import medmtl
+
+    if any(s.frame is not None for s in plan.slices):
+        raise SegNotPossible("the source is a multi-frame (enhanced) series; the NIfTI output is written, the SEG is not")
+    if plan.inplane_shift is not None or plan.target_positions is not None:
+        raise SegNotPossible("the source grid was corrected (gantry tilt or uneven spacing), so its frames do not "
+                             "match the segmented grid one to one; the NIfTI output is written, the SEG is not")
+    sources = [pydicom.dcmread(s.path) for s in plan.slices]
+    frames = np.ascontiguousarray(np.transpose(labels, (2, 1, 0))).astype(np.uint8)  # (Z, rows, cols)
+    present = [c for c in range(1, len(class_names) + 1) if (frames == c).any()]
+    algo = hd.AlgorithmIdentificationSequence(name="medmtl", family=codes.cid7162.ArtificialIntelligence,
+                                              version=model_version or medmtl.__version__)
+    descriptions = [
+        hd.seg.SegmentDescription(segment_number=i, segment_label=class_names[c - 1],
+                                  segmented_property_category=codes.SCT.Organ,
+                                  segmented_property_type=_segment_code(class_names[c - 1]),
+                                  algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo)
+        for i, c in enumerate(present, start=1)
+    ]
+    if not descriptions:
+        raise SegNotPossible("the model found no structure in this series; a DICOM SEG needs at least one segment")
+    remap = np.zeros(len(class_names) + 1, dtype=np.uint8)
+    for i, c in enumerate(present, start=1):
+        remap[c] = i
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=remap[frames], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=9001, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="medmtl", manufacturer_model_name="medmtl two-column segmentation",
+        software_versions=medmtl.__version__, device_serial_number="0", omit_empty_frames=False,
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".seg-", suffix=".dcm")
+    os.close(fd)
+    try:
+        seg.save_as(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
