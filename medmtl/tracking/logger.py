@@ -104,6 +104,7 @@ class RunLogger:
         self._urgent = threading.Event()
         self._points: list[list] = []  # [key, value, timestamp_ms, step] not yet in the spool
         self._seq = 0
+        self._ended = False
         self._sender = threading.Thread(target=self._run_sender, name=f"mlflow-sender-{self.run_id[:8]}", daemon=True)
         self._sender.start()
 
@@ -173,6 +174,9 @@ class RunLogger:
         What the server has not taken by ``final_sync_timeout_s`` stays in the spool folder and a
         warning names the command that sends it later; training results are never discarded.
         """
+        if self._ended:
+            return
+        self._ended = True
         self._append({"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
         done = self.sync()
         self._stop.set()
@@ -218,7 +222,11 @@ class RunLogger:
             self._persist(durable=False)
             now = time.monotonic()
             if self.spool.n_unsent and (now >= next_try or self._urgent.is_set()):
-                ok, sent = send_records(self.spool, sender, stop=lambda: False)
+                try:
+                    ok, sent = send_records(self.spool, sender)
+                except Exception:  # noqa: BLE001 - the sender must outlive any surprise; records stay spooled
+                    log.exception("MLflow sender of run %s failed; records stay in %s", self.run_id, self.spool.folder)
+                    ok, sent = False, 0
                 self.points_logged += sent
                 if ok:
                     if self.offline_since is not None:

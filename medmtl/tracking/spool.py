@@ -73,7 +73,7 @@ class Spool:
                 raise ValueError(f"spool {self.folder} belongs to run {old.get('run_id')}, not {run_id}; "
                                  "send it first (python -m medmtl.tracking.spool FOLDER) or choose another folder")
         else:
-            _atomic_write(meta, json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}).encode())
+            _atomic_write(meta, json.dumps({"run_id": run_id, "tracking_uri": _without_credentials(tracking_uri)}).encode())
         self._lock = threading.Lock()
         self._unsent: deque[SpoolRecord] = deque()
         self._fh = open(self.path, "ab")
@@ -257,6 +257,16 @@ def replay_spool(folder: str | Path, tracking_uri: str | None = None) -> int:
         return spool.n_unsent
     finally:
         spool.close()
+
+
+def _without_credentials(uri: str) -> str:
+    """The URI without ``user:password@`` (credentials belong in MLFLOW_TRACKING_USERNAME/PASSWORD, not on disk)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
