@@ -27,4 +27,4 @@ bench: setup
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf demo_data runs mlflow/mlflow.db mlflow/artifacts
+	rm -rf demo_data runs mlflow/mlflow.db mlflow/mlflow.db.lock mlflow/artifacts

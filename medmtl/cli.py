@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default=None, choices=["CT", "MR", "ct", "mr"], help="required for NIfTI; DICOM headers say it")
     p.add_argument("--out", required=True, help="output label NIfTI (on the input grid); for DICOM input a DICOM SEG is written beside it as <name>.seg.dcm")
 
+    p = sub.add_parser("sync", help="send a run's metrics left in its local spool after a tracking-server outage")
+    p.add_argument("spool_dir", help="runs/<run_id>/mlflow_spool")
+    p.add_argument("--tracking-uri", default=None, help="default: the URI the run used")
+
     p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate -> MLflow -> registered model, on a small CPU-sized dataset")
     _config_args(p, required=False)
     p.add_argument("--workdir", default="demo_data")
@@ -191,6 +195,10 @@ def _run(args: argparse.Namespace) -> int:
         decision = promote(tracking_uri=uri, name=args.name, version=args.version, gate=cfg.tracking.gate)
         print(decision.summary())
         return 0 if decision.passed else 1
+    if args.command == "sync":
+        from medmtl.tracking.spool import main as sync_main
+
+        return sync_main([args.spool_dir] + (["--tracking-uri", args.tracking_uri] if args.tracking_uri else []))
     if args.command == "demo":
         from pipelines.demo import run_demo
 

@@ -103,7 +103,6 @@ class RunLogger:
         self._stop = threading.Event()
         self._urgent = threading.Event()
         self._points: list[list] = []  # [key, value, timestamp_ms, step] not yet in the spool
-        self._seq = 0
         self._ended = False
         self._sender = threading.Thread(target=self._run_sender, name=f"mlflow-sender-{self.run_id[:8]}", daemon=True)
         self._sender.start()
@@ -130,10 +129,7 @@ class RunLogger:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a local file (copied into the spool now, so the caller may delete it)."""
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
-        kept = self.spool.keep_file(path, seq)
+        kept = self.spool.keep_file(path)
         self._append({"op": "artifact", "src": str(kept), "dst": artifact_path})
 
     def log_dict(self, data: dict, artifact_file: str) -> None:

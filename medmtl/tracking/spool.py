@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import threading
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,10 +100,11 @@ class Spool:
             self._fh.flush()
             os.fsync(self._fh.fileno())
 
-    def keep_file(self, src: str | Path, seq: int) -> Path:
+    def keep_file(self, src: str | Path) -> Path:
         """Copy ``src`` into the spool (an artifact must outlive the caller's temporary file)."""
-        # one folder per record keeps the artifact's own file name for the upload
-        dst = self.folder / _FILES / f"{seq:08d}" / Path(src).name
+        # one folder per record keeps the artifact's own file name for the upload; a random name cannot
+        # collide with files left by an earlier process of the same run
+        dst = self.folder / _FILES / uuid.uuid4().hex / Path(src).name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
         return dst
