@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -436,7 +436,7 @@ class ExperimentConfig(_Strict):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sharing: list[SharingConfig] = Field(default_factory=list, description="sharing mechanisms at chosen depths; empty = single-task baseline (independent columns)")
-    weighting: WeightingConfig = Field(default_factory=EqualWeightingConfig, description="loss-weighting method (equal or gradnorm) and its hyper-parameters")
+    weighting: WeightingConfig = Field(default_factory=EqualWeightingConfig, description="loss-weighting method (equal, gradnorm, uncertainty, dwa, dst) and its hyper-parameters")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -511,7 +511,18 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-_UNION_TAGS = {"soft", "cross_stitch", "sluice", "hard", "shared_kernels", "equal", "gradnorm"}
+def _union_tags(*unions: Any) -> set[str]:
+    """The ``kind``/``method`` values of the union members: pydantic puts them into error locations."""
+    tags: set[str] = set()
+    for union in unions:
+        for member in get_args(get_args(union)[0]):
+            for name in ("kind", "method"):
+                if name in member.model_fields:
+                    tags.update(get_args(member.model_fields[name].annotation))
+    return tags
+
+
+_UNION_TAGS = _union_tags(SharingConfig, WeightingConfig)
 
 
 def _parse_value(text: str) -> Any:
