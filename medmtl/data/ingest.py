@@ -88,7 +88,8 @@ from medmtl.data.dicom_series import (
     resample_label_like,
     scan_file,
 )
-from medmtl.data.manifest import FILE_MODE, ManifestEntry, atomic_write_bytes, write_manifest
+from medmtl.atomic import atomic_path, atomic_write_bytes
+from medmtl.data.manifest import ManifestEntry, write_manifest
 from medmtl.data.pseudonym import Pseudonymizer, load_or_create_secret
 
 try:
@@ -819,23 +820,11 @@ def write_nifti_atomic(path: str | os.PathLike, data: np.ndarray, affine: np.nda
     hdr.set_zooms(tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0)))
     hdr.set_xyzt_units("mm")
     hdr.set_data_offset(352)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as raw:
-            hw = _HashingWriter(raw)
-            with gzip.GzipFile(filename="", mode="wb", fileobj=hw, mtime=0, compresslevel=GZIP_LEVEL) as gz:
-                hdr.write_to(gz)
-                gz.write(b"\x00" * (352 - gz.tell()))
-                for k in range(data.shape[2]):
-                    gz.write(data[:, :, k].tobytes(order="F"))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path, suffix=".nii.gz") as tmp, open(tmp, "wb") as raw:
+        hw = _HashingWriter(raw)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=hw, mtime=0, compresslevel=GZIP_LEVEL) as gz:
+            hdr.write_to(gz)
+            gz.write(b"\x00" * (352 - gz.tell()))
+            for k in range(data.shape[2]):
+                gz.write(data[:, :, k].tobytes(order="F"))
     return "sha256:" + hw.sha.hexdigest()

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Literal
+
+from medmtl.atomic import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -117,35 +118,3 @@ def write_manifest(data_dir: str | os.PathLike, entries: Iterable[ManifestEntry]
     return path
 
 
-def _umask_file_mode() -> int:
-    # mkstemp creates 0600 files; datasets are shared by a team, so outputs get the usual umask mode.
-    # Read once at import (os.umask is process-wide and not thread-safe to query later).
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-FILE_MODE = _umask_file_mode()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
-
-    The bytes go to a temporary file in the same folder (``os.replace`` is only atomic within one file
-    system), are fsynced, then renamed over ``path``. A crash leaves at most a ``.tmp-*`` file behind.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import numpy as np
 import torch
 
 from medmtl.config import ExperimentConfig, ModelConfig
+from medmtl.atomic import atomic_write_bytes
 from medmtl.data.manifest import ManifestEntry, read_manifest
 
 __all__ = [
@@ -369,12 +368,8 @@ def resolve_plan(plan: Plan, cfg: ExperimentConfig) -> Plan:
 
 def save_plan(plan: Plan, path: str | Path) -> Path:
     """Write ``plan.json`` atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".plan-", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(plan.to_dict(), f, indent=2)
-    os.replace(tmp, path)
-    return path
+    atomic_write_bytes(path, json.dumps(plan.to_dict(), indent=2).encode())
+    return Path(path)
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -23,6 +23,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medmtl.atomic import atomic_path
+
 __all__ = ["ModelInput", "read_model_input", "read_dicom_series", "write_nifti", "write_dicom_seg", "SegNotPossible"]
 
 
@@ -68,19 +70,11 @@ def _modality(value, where: str) -> str:
 def write_nifti(arr: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
     """Write ``arr`` with ``affine`` (qform and sform, code 1) atomically; returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(arr, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pred-", suffix=suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".nii.gz" if path.name.endswith(".gz") else ".nii") as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -198,13 +192,6 @@ def write_dicom_seg(labels: np.ndarray, plan, class_names: list[str], path: str 
         software_versions=medmtl.__version__, device_serial_number="0", omit_empty_frames=False,
     )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".seg-", suffix=".dcm")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".dcm") as tmp:
         seg.save_as(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

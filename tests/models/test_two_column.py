@@ -1,6 +1,5 @@
 """Two-column net and sharing mechanisms: routing, exact penalties, gradients, tied parameters."""
 
-import copy
 
 import pytest
 import torch
