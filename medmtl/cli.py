@@ -7,6 +7,7 @@ missing folder, bad export) into one clear message and exit status 2, without a 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     from medmtl.data.ingest import IngestError
 
     args = build_parser().parse_args(argv)
+    # per-file download bars of MLflow drown the command's own output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return _run(args)
     except (ConfigError, IngestError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, LookupError, ConnectionError) as err:

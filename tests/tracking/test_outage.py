@@ -47,6 +47,7 @@ def _assert_all_on_server(client: MlflowClient, run_id: str, points: list[tuple[
 
 
 def test_training_goes_on_while_the_server_is_killed_and_restarted(server, tiny_dataset, tmp_path, monkeypatch, bounded_http):
+    import medmtl.tracking.run as tracked_run
     import pipelines.train as train_pipeline
     from medmtl.config import load_config
     from medmtl.tracking.logger import RunLogger
@@ -77,7 +78,7 @@ def test_training_goes_on_while_the_server_is_killed_and_restarted(server, tiny_
             seen.extend((k, int(step), float(v)) for k, v in metrics.items() if not k.startswith("system/"))
             super().log_metrics(metrics, step)
 
-    monkeypatch.setattr(train_pipeline, "RunLogger", OutageLogger)
+    monkeypatch.setattr(tracked_run, "RunLogger", OutageLogger)
     overrides = [f"data.root={data_dir}", f"tracking.tracking_uri={server.uri}", "tracking.experiment=outage",
                  "train.steps=10", "train.val_every=5", "tracking.overlay_cases=1", "tracking.system_metrics_interval_s=0.5"]
     overrides += [f"tracking.{k}={v}" for k, v in FAST_RETRY.items()]
