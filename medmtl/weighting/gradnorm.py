@@ -81,13 +81,15 @@ class GradNorm(LossWeighting):
         out.update({f"gradnorm/{k}": v for k, v in self.last.items()})
         return out
 
-    def state_dict(self, *args, **kwargs):  # noqa: D102 - the Adam state of w is part of the method's state
+    def state_dict(self, *args, **kwargs):
+        """Module state plus the Adam state of the task weights (a deep copy)."""
         sd = super().state_dict(*args, **kwargs)
         # a copy: Adam's load_state_dict keeps tensors it is given, so a live reference would be shared
         sd["optimizer"] = copy.deepcopy(self.optimizer.state_dict())
         return sd
 
-    def load_state_dict(self, state_dict, strict: bool = True):  # noqa: D102
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Inverse of :meth:`state_dict`."""
         state_dict = dict(state_dict)
         opt = state_dict.pop("optimizer", None)
         result = super().load_state_dict(state_dict, strict=strict)
