@@ -39,14 +39,25 @@ missing_slices         rejected: a step between neighbouring slices is more than
 mixed_orientations     corrected (warning): one UID with several orientations/grids is split into
                        several series (``series_key-1``, ``-2`` ...), each checked on its own.
 gantry_tilt            corrected (warning): the positions are sheared against the slice normal; each
-                       slice is shifted in-plane (linear interpolation) onto an orthogonal grid, as
-                       dcm2niix does; the detail gives the angle.
+                       slice is shifted in-plane (linear interpolation) onto an orthogonal grid that is
+                       enlarged along the shift, so that no pixel is cropped (see below); the detail
+                       gives the angle and the growth in voxels.
 non_uniform_spacing    corrected (warning): positions deviate from a uniform grid by more than
                        max(1% of the slice spacing, 0.01 mm); the volume is resampled linearly along
                        the normal to the median step.
 =====================  =========================================================================
 
 Within tolerance, the slice spacing is ``(last - first) / (n - 1)`` along the normal.
+
+Gantry-tilt grid. Slice ``k`` sits ``s_k`` voxels in-plane from the line through the first slice along the
+normal. The output grid keeps the first slice's pixel lattice and grows by ``ceil(max_k s_k)`` voxels on the
+side the slices move to and ``ceil(-min_k s_k)`` on the other, per in-plane axis (only axes with a shift
+grow, as dcm2niix does), so every source pixel centre lands inside it; the affine origin moves with the
+low side, so world coordinates stay exact. A source slice covers its pixels' footprints (half a pixel
+beyond the outer centres): output voxels inside that footprint are interpolated (clamped to the edge pixel
+in the outer half pixel), voxels outside it hold the background value: ``CT_BACKGROUND_HU`` for CT, the
+volume minimum for MR. Labels get the same shift, nearest neighbour, and 0 outside the footprint, so image
+and label agree on where data exist.
 """
 
 from __future__ import annotations
@@ -76,8 +87,15 @@ SUPPORTED_MODALITIES = ("CT", "MR")
 LOCALIZER_IMAGE_TYPES = ("LOCALIZER", "SCOUT")
 # Orientation vectors closer than this (per component) are the same orientation.
 ORIENTATION_TOL = 1e-3
-# In-plane offset, in voxels, above which slices count as sheared (gantry tilt).
+# In-plane offset, in voxels, above which slices count as sheared (gantry tilt). Shifts within this of a
+# whole voxel count as that whole voxel when the tilt-corrected grid is enlarged (header rounding must not
+# add a row of pure background).
 TILT_TOL_VOXELS = 0.01
+# Value of CT voxels that no source pixel covers (the margin added by gantry-tilt correction): air at the
+# bottom of the usual CT scale, i.e. stored value 0 under the common RescaleIntercept -1024. Not "the
+# minimum representable": for signed pixels that is -32768 + intercept, not air. Never 0 HU (water, soft
+# tissue). Scanner padding outside the reconstruction circle (-2000, -3024 HU) is lower and kept as stored.
+CT_BACKGROUND_HU = -1024.0
 # A label (NIfTI mask or DICOM SEG) matches its image when every voxel lands within this fraction of a
 # voxel of an image voxel centre.
 LABEL_TOL_VOXELS = 1e-3
@@ -160,7 +178,11 @@ class SeriesPlan:
         affine: RAS affine of the output grid (4x4), ``None`` when rejected before geometry.
         shape: output grid ``(x, y, z)``.
         source_affine: sheared affine of the un-corrected grid for gantry-tilted series, else ``None``.
-        inplane_shift: per slice ``(axis0, axis1)`` shift in voxels that removes the tilt, or ``None``.
+        source_shape: ``(cols, rows, slices)`` of that un-corrected grid, else ``None``.
+        inplane_shift: ``(slices, 2)`` per slice ``(axis0, axis1)`` position, in output voxels, of the slice's
+            first pixel on the (enlarged) output grid: ``out[i, j] = src[i - a_k, j - b_k]``; ``None``
+            without tilt.
+        tilt_growth: ``(axis0, axis1)`` voxels the tilt-corrected grid grew by, else ``None``.
         positions: slice positions along the normal relative to the first slice (mm).
         target_positions: resampling targets along the normal when spacing was corrected, else ``None``.
     """
@@ -174,7 +196,9 @@ class SeriesPlan:
     affine: np.ndarray | None = None
     shape: tuple[int, int, int] | None = None
     source_affine: np.ndarray | None = None
+    source_shape: tuple[int, int, int] | None = None
     inplane_shift: np.ndarray | None = None
+    tilt_growth: tuple[int, int] | None = None
     positions: np.ndarray | None = None
     target_positions: np.ndarray | None = None
 
@@ -676,17 +700,29 @@ def check_series(cand: SeriesCandidate, *, min_slices: int = 3) -> SeriesPlan:
     # Gantry tilt: in-plane offset of each slice from the line through the first slice along the normal.
     offsets = (ipp - origin) - np.outer(rel, nrm)
     # Slice k sits at o_k in-plane from that line, so on the orthogonal grid new[i, j] = old[i - a_k, j - b_k]
-    # with (a_k, b_k) = (o_k.u / dcol, o_k.v / drow): exactly scipy.ndimage.shift's convention.
+    # with (a_k, b_k) = (o_k.u / dcol, o_k.v / drow): the convention of _apply_inplane_shift.
     shift = np.stack([(offsets @ u) / dcol, (offsets @ v) / drow], axis=1)
+    grow_lo = grow_hi = np.zeros(2, dtype=int)
     if np.max(np.abs(shift)) > TILT_TOL_VOXELS:
         span = np.linalg.norm(offsets[-1])
         angle = float(np.degrees(np.arctan2(span, rel[-1]))) if rel[-1] > 0 else 90.0
-        plan.inplane_shift = shift
+        # Margins that take in every shifted pixel centre: whole voxels, so the first slice stays on the
+        # lattice of the output grid (its pixels are copied, not interpolated).
+        grow_lo = np.maximum(np.ceil(-shift.min(axis=0) - TILT_TOL_VOXELS), 0).astype(int)
+        grow_hi = np.maximum(np.ceil(shift.max(axis=0) - TILT_TOL_VOXELS), 0).astype(int)
+        plan.inplane_shift = shift + grow_lo
+        plan.tilt_growth = tuple(int(g) for g in grow_lo + grow_hi)
         plan.source_affine = _ras_affine(u * dcol, v * drow, (ipp[-1] - origin) / (n - 1), origin)
+        plan.source_shape = (slices[0].cols, slices[0].rows, n)
+        g0, g1 = plan.tilt_growth
+        c0, r0 = slices[0].cols, slices[0].rows
+        fill = f"{CT_BACKGROUND_HU:g} HU (air)" if modality == "CT" else "the volume minimum"
         plan.warn(
             "gantry_tilt",
             f"slices sheared by {angle:.2f} degrees against the slice normal; each slice shifted in-plane "
-            "onto an orthogonal grid (linear interpolation)",
+            f"onto an orthogonal grid (linear interpolation), enlarged by {g0 + g1} voxel(s) ({g0} along axis 0, "
+            f"{g1} along axis 1: {c0}x{r0} -> {c0 + g0}x{r0 + g1} in-plane) so that no pixel is cropped; "
+            f"voxels outside the source slices hold {fill}",
         )
 
     steps = np.diff(rel)
@@ -716,9 +752,11 @@ def check_series(cand: SeriesCandidate, *, min_slices: int = 3) -> SeriesPlan:
             f"by up to {dev:.3f} mm (tolerance max(1% of the step, 0.01 mm) = {tol:.3f} mm); resampled "
             f"linearly to {n_out} slices at {med:.3f} mm",
         )
-    plan.affine = _ras_affine(u * dcol, v * drow, nrm * dz, origin)
+    # The tilt margin on the low side moves the origin; world coordinates of the first slice are unchanged.
+    out_origin = origin - grow_lo[0] * dcol * u - grow_lo[1] * drow * v
+    plan.affine = _ras_affine(u * dcol, v * drow, nrm * dz, out_origin)
     n_out = n if plan.target_positions is None else len(plan.target_positions)
-    plan.shape = (slices[0].cols, slices[0].rows, n_out)
+    plan.shape = (slices[0].cols + int(grow_lo[0] + grow_hi[0]), slices[0].rows + int(grow_lo[1] + grow_hi[1]), n_out)
     return plan
 
 
@@ -749,7 +787,8 @@ def read_volume(plan: SeriesPlan, *, relpath=lambda p: os.path.basename(p)) -> n
 
     CT comes back in HU as int16 when every slope/intercept is integral and the values fit, else float32;
     MR as float32 after the real-world value mapping when present, else the modality rescale. Gantry tilt
-    and non-uniform spacing corrections of the plan are applied here.
+    and non-uniform spacing corrections of the plan are applied here; voxels of the tilt-enlarged grid that
+    no source pixel covers hold ``CT_BACKGROUND_HU`` (CT) or the volume minimum (MR).
 
     Raises:
         SeriesReadError: a slice cannot be decoded (``unreadable_pixels``) or has the wrong size; the
@@ -780,7 +819,11 @@ def read_volume(plan: SeriesPlan, *, relpath=lambda p: os.path.basename(p)) -> n
         else:
             vol[:, :, k] = (arr.astype(np.float64) * slope + inter).T
     if plan.inplane_shift is not None:
-        vol = _apply_inplane_shift(vol, plan.inplane_shift, order=1)
+        if is_ct:
+            fill = CT_BACKGROUND_HU
+        else:
+            fill = float(vol.min()) if vol.size else 0.0
+        vol = _apply_inplane_shift(vol, plan.inplane_shift, plan.shape[:2], fill=fill, nearest=False)
     if plan.target_positions is not None:
         vol = _resample_along_normal(vol, plan.positions, plan.target_positions)
     if integral:
@@ -802,14 +845,46 @@ def _decode(path: str, relpath) -> np.ndarray:
         ) from None
 
 
-def _apply_inplane_shift(vol: np.ndarray, shift: np.ndarray, *, order: int) -> np.ndarray:
-    from scipy import ndimage
+def _apply_inplane_shift(vol: np.ndarray, shift: np.ndarray, out_shape: tuple[int, int], *, fill: float,
+                         nearest: bool) -> np.ndarray:
+    """Move slice ``k`` of ``vol`` ``(X, Y, Z)`` by ``shift[k]`` voxels onto an ``out_shape`` in-plane grid.
 
-    fill = vol.min() if vol.size else 0
-    out = np.empty_like(vol, order="F")
+    ``out[i, j, k] = vol[i - a_k, j - b_k, k]`` where the source position lies within the slice's pixel
+    footprint (``-0.5 <= p < n - 0.5`` per axis), else ``fill``. Linear interpolation (float32 result), the
+    outer half pixel clamped to the edge pixel; or nearest neighbour (``nearest``, ``vol``'s dtype) for masks.
+    A pure translation, so it is separable and the same gather indices serve the whole slice.
+    """
+    n0, n1 = vol.shape[:2]
+    dtype = vol.dtype if nearest else np.float32
+    out = np.empty(tuple(out_shape) + (vol.shape[2],), dtype=dtype, order="F")
     for k in range(vol.shape[2]):
-        out[:, :, k] = ndimage.shift(vol[:, :, k], shift[k], order=order, mode="constant", cval=fill)
+        (i0, i1, w0, ok0), (j0, j1, w1, ok1) = (
+            _footprint_sampling(n, m, s, nearest) for n, m, s in ((n0, out_shape[0], shift[k, 0]), (n1, out_shape[1], shift[k, 1]))
+        )
+        src = vol[:, :, k]
+        if nearest:
+            sl = src[np.ix_(i0, j0)]
+        else:
+            src = src.astype(np.float32)
+            rows = src[i0] * (1 - w0)[:, None] + src[i1] * w0[:, None]
+            sl = rows[:, j0] * (1 - w1) + rows[:, j1] * w1
+        sl[~ok0, :] = fill
+        sl[:, ~ok1] = fill
+        out[:, :, k] = sl
     return out
+
+
+def _footprint_sampling(n_in: int, n_out: int, s: float, nearest: bool):
+    """Source indices, upper weights and coverage of output positions ``0..n_out-1`` for a shift ``s``."""
+    p = np.arange(n_out) - s
+    ok = (p >= -0.5) & (p < n_in - 0.5)
+    if nearest:
+        i = np.clip(np.floor(p + 0.5), 0, n_in - 1).astype(np.intp)
+        return i, i, np.zeros(n_out, np.float32), ok
+    f = np.floor(p)
+    i0 = np.clip(f, 0, n_in - 1).astype(np.intp)
+    i1 = np.clip(f + 1, 0, n_in - 1).astype(np.intp)
+    return i0, i1, (p - f).astype(np.float32), ok
 
 
 def _resample_along_normal(vol: np.ndarray, pos: np.ndarray, target: np.ndarray, *, nearest: bool = False) -> np.ndarray:
@@ -825,10 +900,14 @@ def _resample_along_normal(vol: np.ndarray, pos: np.ndarray, target: np.ndarray,
 
 
 def resample_label_like(plan: SeriesPlan, label_on_source_grid: np.ndarray) -> np.ndarray:
-    """Apply the plan's tilt/spacing corrections to a mask given on the uncorrected source grid (nearest)."""
+    """Apply the plan's tilt/spacing corrections to a mask given on the uncorrected source grid (nearest).
+
+    The result is on the plan's output grid (tilt-enlarged when the series is tilted); voxels outside the
+    source slices are 0.
+    """
     lab = label_on_source_grid
     if plan.inplane_shift is not None:
-        lab = _apply_inplane_shift(lab, plan.inplane_shift, order=0)
+        lab = _apply_inplane_shift(lab, plan.inplane_shift, plan.shape[:2], fill=0, nearest=True)
     if plan.target_positions is not None:
         lab = _resample_along_normal(lab, plan.positions, plan.target_positions, nearest=True)
     return lab

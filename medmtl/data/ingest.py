@@ -17,8 +17,10 @@ What ingest does, in order:
      ``series_uid,label_path``), matched in world space: a mask on the same grid with axes flipped or
      permuted is reordered onto the image grid; a mask that does not match is a ``label_mismatch``
      rejection in the report, never a silent resample. Masks are compared with the output grid; for a
-     gantry-tilted series a mask on the uncorrected (sheared) grid is accepted too and gets the same
-     in-plane shift (nearest).
+     gantry-tilted series that is the enlarged, tilt-corrected grid (:mod:`medmtl.data.dicom_series`), and
+     a mask on the uncorrected (sheared) DICOM grid is accepted too and gets the same in-plane shifts
+     (nearest) onto it. A mask on any other grid, such as the cropped corrected grid of ingests before the
+     enlargement, is a ``label_mismatch``: it cannot label the anatomy the enlargement brought back.
    * else a DICOM SEG object in the export that references the series (:mod:`medmtl.data.dicom_seg`: frames
      placed by their world positions, segments mapped to label values by name or number, overlaps resolved
      by the higher segment number). **A LABEL_DIR mask wins over a SEG for the same series:** the user
@@ -105,7 +107,8 @@ REPORT_NAME = "ingest_report.json"
 STATE_DIR = ".ingest_state"
 LOCK_NAME = ".ingest.lock"
 # Bump when the conversion changes in a way that alters output bytes: forces a re-run to rewrite.
-CONVERSION_VERSION = 1
+# 2: gantry-tilted series are written on an enlarged grid (nothing cropped), background -1024 HU.
+CONVERSION_VERSION = 2
 GZIP_LEVEL = 1  # fast; level 6 saves ~10% more space at 3-4x the time on CT volumes
 
 Source = Literal["auto", "dicom", "nnunet"]
@@ -428,22 +431,31 @@ def _reoriented_shape(shape, trans) -> tuple[int, ...]:
 
 
 def _assign_labels(plans_for_uid: list[SeriesPlan], label_path: Path) -> dict[int, tuple]:
-    """Decide which accepted part of one UID gets the label: {plan index: (transform, on_source_grid) | error}."""
+    """Decide which accepted part of one UID gets the label: {plan index: (transform, on_source_grid) | error}.
+
+    A mask matches the output grid (taken as is) or, for a gantry-tilted series, the uncorrected DICOM grid
+    (``on_source_grid``: shifted onto the enlarged output grid when it is loaded).
+    """
     out, errors = {}, []
     for i, plan in enumerate(plans_for_uid):
         if not plan.accepted:
             continue
         try:
-            grids = [(plan.affine, plan.shape, False)]
+            trans, why = _match_label_grid(label_path, plan.affine, plan.shape)
+            if why is None:
+                out[i] = (trans, False)
+                continue
             if plan.source_affine is not None:
-                grids.append((plan.source_affine, (plan.shape[0], plan.shape[1], len(plan.slices)), True))
-            for aff, shp, on_source in grids:
-                trans, why = _match_label_grid(label_path, aff, shp)
-                if why is None:
-                    out[i] = (trans, on_source)
-                    break
-            else:
-                errors.append((i, why))
+                trans, why_src = _match_label_grid(label_path, plan.source_affine, plan.source_shape)
+                if why_src is None:
+                    out[i] = (trans, True)
+                    continue
+                why = (
+                    f"gantry-tilted series: the mask must lie on the tilt-corrected grid {tuple(plan.shape)} "
+                    f"(enlarged so that nothing is cropped) or on the original DICOM grid {tuple(plan.source_shape)}; "
+                    f"corrected grid: {why}; DICOM grid: {why_src}"
+                )
+            errors.append((i, why))
         except Exception as e:
             errors.append((i, f"label file cannot be read ({type(e).__name__})"))
     if not out and errors:

@@ -305,6 +305,31 @@ def test_gantry_tilted_series_gets_the_seg_with_the_same_correction(tmp_path):
     assert np.all(y_lps >= src_y0 - 0.4 - 1e-6) and np.all(y_lps <= src_y0 + 4 * 0.8 + 0.4 + 1e-6)
 
 
+def test_gantry_tilted_seg_reaching_the_slice_edges_loses_nothing(tmp_path):
+    # 15 degrees: the last slice moves 4.7 rows, so the grid grows; a SEG covering whole slices must keep
+    # every marked pixel, in world space next to the image data and nowhere in the air margin.
+    pos = [(-40.0, -30.0 + 2.0 * k * np.tan(np.radians(15.0)), 10.0 + 2.0 * k) for k in range(6)]
+    files = write_series(tmp_path / "export" / "S", n=6, rows=8, cols=10, positions=pos,
+                         values=lambda p: 1500.0 + 10.0 * p[..., 2])  # tissue everywhere: above the air fill
+    mask = np.ones((10, 8, 6), np.uint8)
+    mask[:, ::2, :] = 2  # alternate rows, so a row shifted by one would show
+    _save(make_seg(_sources(files), mask, {1: "liver", 2: "spleen"}), tmp_path)
+    (rec,) = ingest(tmp_path / "export", tmp_path / "data", progress=False).series
+    assert rec.status == "accepted" and rec.label_source == "dicom_seg" and rec.shape[1] > 8
+    img, lab = (nib.load(str(tmp_path / "data" / p)) for p in (rec.output, rec.label))
+    ldata = np.asanyarray(lab.dataobj)
+    assert np.array_equal(np.bincount(ldata.ravel(), minlength=3)[1:], np.bincount(mask.ravel(), minlength=3)[1:])
+    np.testing.assert_array_equal(ldata > 0, np.asanyarray(img.dataobj) != -1024)
+    inv = np.linalg.inv(lab.affine)
+    for k, d in enumerate(_sources(files)):
+        ipp = np.array([float(x) for x in d.ImagePositionPatient])
+        r, c = np.meshgrid(np.arange(8), np.arange(10), indexing="ij")
+        lps = ipp + c[..., None] * 0.7 * np.array([1.0, 0, 0]) + r[..., None] * 0.8 * np.array([0, 1.0, 0])
+        ras = lps.reshape(-1, 3) * np.array([-1.0, -1.0, 1.0])
+        near = np.rint(ras @ inv[:3, :3].T + inv[:3, 3]).astype(int)
+        np.testing.assert_array_equal(ldata[tuple(near.T)], mask[:, :, k].T.ravel())
+
+
 def test_pydicom_seg_without_its_series_is_listed_not_used(tmp_path):
     write_series(tmp_path / "export" / "S", n=4)
     (tmp_path / "export" / "SEG").mkdir()
