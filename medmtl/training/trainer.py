@@ -201,8 +201,10 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             metrics = self._step_metrics(last)
-            self.history.append({"step": float(self.step), **metrics})
             if self.step % t.log_every == 0 or self.step == t.steps:
+                # the in-memory history (for end-of-run plots) keeps the logged steps only, so it stays
+                # small on runs of hundreds of thousands of steps
+                self.history.append({"step": float(self.step), **metrics})
                 self._log(metrics, self.step)
             else:
                 # every step's task weights and weighting internals reach the tracker (buffered, sent in batches)
