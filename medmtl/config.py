@@ -48,7 +48,8 @@ class DataConfig(_Strict):
     """Where the ingested dataset lives and how it is split and fed to training."""
 
     root: str = Field("demo_data/data", description="DATA_DIR written by `medmtl ingest` (holds manifest.jsonl); relative paths are taken from the working directory")
-    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of each modality's labelled cases held out for validation and evaluation")
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of each modality's labelled cases held out for validation (model selection: best.pt)")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of each modality's labelled cases held out as a test set, never used for training or selection; 0 = the final scores are reported on the validation cases")
     cache: Literal["memory", "none"] = Field("memory", description="cache the deterministic part of the transform chain in memory (CacheDataset) or not at all")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per modality")
     augment_on_device: bool = Field(True, description="on CUDA, move the cached tensors to the GPU (ToDeviced after the cached part) so patch sampling and augmentation run there; the loader then runs in threads, without worker processes")

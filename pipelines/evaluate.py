@@ -36,7 +36,7 @@ def _load_run_model(client: MlflowClient, run_id: str):
 
 
 def run_evaluation(run_id: str, *, tracking_uri: str | None = None, data_root: str | None = None, overlays: int = 2) -> EvalResult:
-    """Sliding-window inference on the run's held-out cases at their original resolution.
+    """Sliding-window inference on the run's evaluation cases (test split, else validation) at their original resolution.
 
     Logs ``eval/dice/<modality>/<class>`` and ``eval/hd95/<modality>/<class>`` to the run, the per-case
     table as ``evaluation/eval_per_case.json`` and overlay pictures under ``overlays/``.
@@ -51,7 +51,7 @@ def run_evaluation(run_id: str, *, tracking_uri: str | None = None, data_root: s
         cfg.data.root = data_root
     data_dir, split = load_split(cfg)
     rows, dice, hd = [], {}, {}
-    for m, entries in split.val.items():
+    for m, entries in split.evaluation.items():
         names = list(cfg.data.labels[m].values())
         remap = RemapLabels(cfg.data.labels[m])
         for e in entries:
@@ -76,7 +76,7 @@ def run_evaluation(run_id: str, *, tracking_uri: str | None = None, data_root: s
         if overlays > 0:
             from medmtl.tracking.plots import log_overlays
 
-            log_overlays(logger, seg, split.val, data_dir, cfg.data.labels, max_cases=overlays)
+            log_overlays(logger, seg, split.evaluation, data_dir, cfg.data.labels, max_cases=overlays)
     finally:
         logger.end("FINISHED")
     return EvalResult(run_id=run_id, dice=dice, hd95=hd, per_case=rows)

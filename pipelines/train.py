@@ -65,7 +65,11 @@ def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progres
         if state is not None:
             trainer.load_state_dict(state)
         summary = trainer.train()
-        test = summary.validation if summary.validation is not None else trainer.validate()
+        # final scores on the test cases; without a test split, the last validation already is that evaluation
+        if any(split.test.values()):
+            test = trainer.validate(split.test)
+        else:
+            test = summary.validation if summary.validation is not None else trainer.validate()
         model_uri = run.finish(trainer=trainer, summary=summary, test=test, plan=plan, split=split, data_dir=data_dir)
     except BaseException:
         run.fail(sys.exc_info()[1])

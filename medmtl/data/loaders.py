@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,34 +36,47 @@ MODALITIES = ("ct", "mr")
 
 @dataclass
 class Split:
-    """Training and held-out entries per modality (held-out = validation and final evaluation)."""
+    """Training, validation and (optional) test entries per modality, disjoint by case."""
 
     train: dict[str, list[ManifestEntry]]
     val: dict[str, list[ManifestEntry]]
+    test: dict[str, list[ManifestEntry]] = field(default_factory=dict)
+
+    @property
+    def evaluation(self) -> dict[str, list[ManifestEntry]]:
+        """Where final scores are reported: the test cases when there are any, else the validation cases."""
+        return self.test if any(self.test.values()) else self.val
 
 
 def _stable_key(seed: int, text: str) -> str:
     return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
 
 
-def split_cases(entries: list[ManifestEntry], *, val_fraction: float, seed: int) -> Split:
+def split_cases(entries: list[ManifestEntry], *, val_fraction: float, seed: int, test_fraction: float = 0.0) -> Split:
     """Split labelled entries by case (patient), per modality, reproducibly for a seed.
 
-    Splitting by case keeps two series of one patient on the same side. Each modality keeps at least
-    one training and one held-out case; fewer than two labelled cases of a modality is an error.
+    Splitting by case keeps two series of one patient on the same side. Cases are ordered by a keyed
+    hash of their id; the first ``test_fraction`` of them are test cases, the next ``val_fraction``
+    validation cases, the rest training cases. Each modality keeps at least one training and one
+    validation case (and one test case when ``test_fraction > 0``); too few labelled cases is an error.
     """
     train: dict[str, list[ManifestEntry]] = {}
     val: dict[str, list[ManifestEntry]] = {}
+    test: dict[str, list[ManifestEntry]] = {}
     for m in MODALITIES:
         labelled = [e for e in entries if e.modality == m.upper() and e.label is not None]
         cases = sorted({e.case_id for e in labelled}, key=lambda c: _stable_key(seed, c))
-        if len(cases) < 2:
-            raise ValueError(f"need at least 2 labelled {m.upper()} cases for a train/held-out split, found {len(cases)}; ingest more data or add labels")
-        n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases))))
-        val_cases = set(cases[:n_val])
+        need = 3 if test_fraction > 0 else 2
+        if len(cases) < need:
+            raise ValueError(f"need at least {need} labelled {m.upper()} cases for a train/validation{'/test' if need == 3 else ''} split, "
+                             f"found {len(cases)}; ingest more data or add labels" + (", or set data.test_fraction=0" if need == 3 else ""))
+        n_test = min(len(cases) - 2, max(1, round(test_fraction * len(cases)))) if test_fraction > 0 else 0
+        n_val = min(len(cases) - n_test - 1, max(1, round(val_fraction * len(cases))))
+        test_cases, val_cases = set(cases[:n_test]), set(cases[n_test : n_test + n_val])
+        test[m] = [e for e in labelled if e.case_id in test_cases]
         val[m] = [e for e in labelled if e.case_id in val_cases]
-        train[m] = [e for e in labelled if e.case_id not in val_cases]
-    return Split(train=train, val=val)
+        train[m] = [e for e in labelled if e.case_id not in val_cases | test_cases]
+    return Split(train=train, val=val, test=test)
 
 
 class EndlessSampler(Sampler[tuple[int, int]]):
@@ -229,4 +242,4 @@ def load_split(cfg: ExperimentConfig) -> tuple[Path, Split]:
     """Read the manifest under ``cfg.data.root`` and split it (errors name the file)."""
     data_dir = Path(cfg.data.root)
     entries = read_manifest(data_dir)
-    return data_dir, split_cases(entries, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    return data_dir, split_cases(entries, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.seed)

@@ -46,7 +46,7 @@ def run_tags(cfg: ExperimentConfig, data_dir: Path, plan_path: Path, ctx: Distri
         "medmtl.manifest_sha": _sha(data_dir / "manifest.jsonl"), "medmtl.plan_sha": _sha(plan_path),
         "medmtl.precision": cfg.train.precision, "medmtl.world_size": str(ctx.world_size),
         "medmtl.sharing": "+".join(m.kind for m in cfg.sharing) or "single_task", "medmtl.weighting": cfg.weighting.method,
-        EVAL_SET_TAG: eval_set_fingerprint(split.val),
+        EVAL_SET_TAG: eval_set_fingerprint(split.evaluation),
     }
 
 
@@ -55,6 +55,7 @@ def ingest_summary(split: Split) -> dict:
     return {
         "train_images": {m: len(v) for m, v in split.train.items()},
         "heldout_images": {m: len(v) for m, v in split.val.items()},
+        "test_images": {m: len(v) for m, v in split.test.items()},
         "train_cases": {m: len({e.case_id for e in v}) for m, v in split.train.items()},
     }
 
@@ -117,7 +118,7 @@ class TrackedRun:
         logger.log_dict({"per_case": test.per_case, "mean_dice": test.mean_dice}, "evaluation/test_dice.json")
         logger.log_metrics({"train/seconds": summary.seconds, "train/skipped_steps": summary.skipped_steps}, step=summary.steps)
         log_history_plots(logger, summary.history)
-        log_overlays(logger, Segmenter(trainer.net, cfg, plan, device=trainer.device), split.val, data_dir, cfg.data.labels,
+        log_overlays(logger, Segmenter(trainer.net, cfg, plan, device=trainer.device), split.evaluation, data_dir, cfg.data.labels,
                      max_cases=cfg.tracking.overlay_cases)
         self._stop_sampler()
         logger.sync()  # give a server that is down a bounded chance to come back before the model upload

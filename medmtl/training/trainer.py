@@ -160,10 +160,11 @@ class Trainer:
         return m
 
     # ----------------------------------------------------------------------------- validation
-    def validate(self) -> Evaluation:
-        """Dice per class per modality on the held-out cases (original grids), sharded over ranks."""
+    def validate(self, entries: dict | None = None) -> Evaluation:
+        """Dice per class per modality on the validation cases, or on ``entries`` (original grids), sharded over ranks."""
         seg = Segmenter(self.net, self.cfg, self.plan, device=self.device)
-        shard = {m: items[self.dist.rank :: self.dist.world_size] for m, items in self.split.val.items()}
+        entries = self.split.val if entries is None else entries
+        shard = {m: items[self.dist.rank :: self.dist.world_size] for m, items in entries.items()}
         ev = evaluate_cases(seg, shard, self.data_dir, self.cfg.data.labels)
         if self.dist.enabled:
             gathered: list = [None] * self.dist.world_size

@@ -97,3 +97,20 @@ def test_sampler_resumes_at_its_start_position():
     ref = list(itertools.islice(iter(s), 12))
     s.start = 7
     assert list(itertools.islice(iter(s), 5)) == ref[7:12]
+
+
+def test_test_split_is_disjoint_reproducible_and_takes_the_final_scores(tiny_dataset):
+    data_dir, _ = tiny_dataset
+    entries = read_manifest(data_dir)
+    a = split_cases(entries, val_fraction=0.34, test_fraction=0.34, seed=3)
+    b = split_cases(entries, val_fraction=0.34, test_fraction=0.34, seed=3)
+    for m in ("ct", "mr"):
+        tr, va, te = ({e.case_id for e in part[m]} for part in (a.train, a.val, a.test))
+        assert tr and va and te and not (tr & va) and not (tr & te) and not (va & te)
+        assert [e.case_id for e in a.test[m]] == [e.case_id for e in b.test[m]]
+    assert a.evaluation is a.test
+    without = split_cases(entries, val_fraction=0.34, seed=3)
+    assert without.evaluation is without.val and not any(without.test.values())
+    with pytest.raises(ValueError, match="data.test_fraction=0"):
+        split_cases([e for e in entries if e.modality == "MR"][:2] + [e for e in entries if e.modality == "CT"],
+                    val_fraction=0.34, test_fraction=0.34, seed=3)
