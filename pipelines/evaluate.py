@@ -14,7 +14,7 @@ from medmtl.data.loaders import load_split
 from medmtl.data.transforms import RemapLabels
 from medmtl.evaluation.metrics import dice_per_class, hd95_per_class, mean_ignoring_nan
 from medmtl.tracking.logger import RunLogger
-from medmtl.tracking.store import resolve_tracking_uri
+from medmtl.tracking.store import resolve_tracking_uri, using_tracking_uri
 
 
 @dataclass
@@ -42,9 +42,9 @@ def run_evaluation(run_id: str, *, tracking_uri: str | None = None, data_root: s
     table as ``evaluation/eval_per_case.json`` and overlay pictures under ``overlays/``.
     """
     uri = resolve_tracking_uri(tracking_uri)[0]
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
-    run, model = _load_run_model(client, run_id)
+    with using_tracking_uri(uri):  # loading a models:/ URI reads MLflow's global URI
+        run, model = _load_run_model(client, run_id)
     cfg, seg = model.cfg, model.segmenter
     if data_root is not None:
         cfg = cfg.model_copy(deep=True)
