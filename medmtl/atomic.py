@@ -29,10 +29,12 @@ FILE_MODE = _umask_file_mode()
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp", durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on normal exit it is fsynced and renamed onto ``path``.
 
     ``suffix`` lets writers that look at the file name (e.g. ``.nii.gz`` for nibabel) see the right one.
+    ``durable=False`` skips the fsync for data that can be regenerated (synthetic exports): the rename
+    still guarantees that no partial file appears under the final name.
     On an exception the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
@@ -42,15 +44,16 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_bytes(data)

@@ -5,14 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlflow
-import nibabel as nib
-import numpy as np
-import torch
 from mlflow.tracking import MlflowClient
 
 from medmtl.data.loaders import load_split
-from medmtl.data.transforms import RemapLabels
-from medmtl.evaluation.metrics import dice_per_class, hd95_per_class, mean_ignoring_nan
+from medmtl.evaluation.evaluate import evaluate_cases
 from medmtl.tracking.logger import RunLogger
 from medmtl.tracking.store import resolve_tracking_uri, using_tracking_uri
 
@@ -50,22 +46,8 @@ def run_evaluation(run_id: str, *, tracking_uri: str | None = None, data_root: s
         cfg = cfg.model_copy(deep=True)
         cfg.data.root = data_root
     data_dir, split = load_split(cfg)
-    rows, dice, hd = [], {}, {}
-    for m, entries in split.evaluation.items():
-        names = list(cfg.data.labels[m].values())
-        remap = RemapLabels(cfg.data.labels[m])
-        for e in entries:
-            pred = seg.predict(data_dir / e.image, m)
-            ref_img = nib.load(str(data_dir / e.label))
-            ref = remap(torch.as_tensor(np.asarray(ref_img.dataobj))).numpy()
-            d = dice_per_class(pred.class_indices, ref, len(names))
-            h = hd95_per_class(pred.class_indices, ref, len(names), tuple(float(z) for z in ref_img.header.get_zooms()[:3]))
-            rows.append({"case_id": e.case_id, "modality": m, **{f"dice/{n}": float(v) for n, v in zip(names, d)},
-                         **{f"hd95/{n}": float(v) for n, v in zip(names, h)}})
-        mine = [r for r in rows if r["modality"] == m]
-        dice[m] = {n: mean_ignoring_nan([r[f"dice/{n}"] for r in mine]) for n in names}
-        hd[m] = {n: mean_ignoring_nan([r[f"hd95/{n}"] for r in mine]) for n in names}
-        dice[m]["mean"], hd[m]["mean"] = mean_ignoring_nan(list(dice[m].values())), mean_ignoring_nan(list(hd[m].values()))
+    ev = evaluate_cases(seg, split.evaluation, data_dir, cfg.data.labels, hd95=True)
+    rows, dice, hd = ev.per_case, ev.mean_dice, ev.mean_hd95
     logger = RunLogger(tracking_uri=uri, experiment_id=run.info.experiment_id, run_name=run.info.run_name, run_id=run_id)
     try:
         step = max((int(v) for k, v in run.data.params.items() if k == "train.steps"), default=0)

@@ -29,6 +29,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from medmtl.atomic import atomic_write_bytes
+
 LABELS: dict[int, str] = {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right"}
 
 # Tissue classes of the synthetic anatomy. Organ classes are label + _ORGAN_OFFSET so that the label
@@ -487,14 +489,6 @@ def _series_datasets(header: dict[str, Any], grid: _Grid, instance_numbers: np.n
     return datasets
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash never leaves a partial file under the final name."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _dicom_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
@@ -507,7 +501,7 @@ def _write_series(series_dir: Path, datasets: list[Dataset], rng: np.random.Gene
     series_dir.mkdir(parents=True, exist_ok=True)
     order = rng.permutation(len(datasets))
     for file_index, slice_index in enumerate(order):
-        _atomic_write(series_dir / f"IM{file_index:06d}{suffix}", _dicom_bytes(datasets[slice_index]))
+        atomic_write_bytes(series_dir / f"IM{file_index:06d}{suffix}", _dicom_bytes(datasets[slice_index]), durable=False)
 
 
 def _instance_numbers(n: int, mode: str) -> np.ndarray:
@@ -532,7 +526,7 @@ def _write_label(path: Path, labels: np.ndarray, affine_ras: np.ndarray) -> None
     img.set_sform(affine_ras, code=1)
     img.header.set_xyzt_units("mm")
     # gzip with mtime=0 and no file name so that the same seed gives byte-identical files.
-    _atomic_write(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
+    atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0), durable=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from typing import Any, Callable
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from medmtl.atomic import atomic_write_bytes
+
 __all__ = ["Spool", "SpoolRecord", "send_records", "is_transient", "replay_spool", "SPOOL_META"]
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ class Spool:
                 raise ValueError(f"spool {self.folder} belongs to run {old.get('run_id')}, not {run_id}; "
                                  "send it first (python -m medmtl.tracking.spool FOLDER) or choose another folder")
         else:
-            _atomic_write(meta, json.dumps({"run_id": run_id, "tracking_uri": _without_credentials(tracking_uri)}).encode())
+            atomic_write_bytes(meta, json.dumps({"run_id": run_id, "tracking_uri": _without_credentials(tracking_uri)}).encode())
         self._lock = threading.Lock()
         self._unsent: deque[SpoolRecord] = deque()
         self._fh = open(self.path, "ab")
@@ -128,7 +130,7 @@ class Spool:
                 self._fh.truncate(0)
                 self._fh.seek(0)
                 self._acked = 0
-            _atomic_write(self.folder / _OFFSET, str(self._acked).encode())
+            atomic_write_bytes(self.folder / _OFFSET, str(self._acked).encode())
 
     @property
     def n_unsent(self) -> int:
@@ -269,12 +271,6 @@ def _without_credentials(uri: str) -> str:
     if parts.username is None and parts.password is None:
         return uri
     return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
