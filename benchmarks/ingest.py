@@ -43,9 +43,9 @@ import pydicom
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medmtl.data.dicom_series import assemble_series, check_series, quiet_pydicom, scan_file  # noqa: E402
-from medmtl.data.ingest import ingest  # noqa: E402
-from medmtl.data.synth import synthesize_exports  # noqa: E402
+from medmtl.ingest.dicom_series import assemble_series, check_series, quiet_pydicom, scan_file  # noqa: E402
+from medmtl.ingest.run import ingest  # noqa: E402
+from medmtl.synth import synthesize_exports  # noqa: E402
 
 DCM2NIIX = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
 
@@ -110,7 +110,7 @@ def throughput(export: Path, work: Path, n_slices: int, repeats: int) -> None:
 
 _CHILD = """
 import json, sys, tracemalloc
-from medmtl.data.ingest import ingest
+from medmtl.ingest.run import ingest
 tracemalloc.start()
 ingest(sys.argv[1], sys.argv[2], progress=False, workers=int(sys.argv[3]))
 print(json.dumps({"tracemalloc_peak": tracemalloc.get_traced_memory()[1]}))

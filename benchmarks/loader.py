@@ -45,10 +45,10 @@ from monai.transforms import (
 
 from medmtl.config import AlbumentationsConfig, load_config
 from medmtl.data.augment import SliceConsistentAlbumentationsd
-from medmtl.data.ingest import ingest
+from medmtl.ingest.run import ingest
 from medmtl.data.loaders import build_training_stream, load_split
 from medmtl.data.plan import compute_plan
-from medmtl.data.synth import synthesize_exports
+from medmtl.synth import synthesize_exports
 from medmtl.models.two_column import MODALITIES, TwoColumnNet
 from medmtl.training.precision import Precision
 from medmtl.training.step import train_step

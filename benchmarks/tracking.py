@@ -95,8 +95,8 @@ class SyncLogger:
 
 
 def _dataset(work: Path, *, ct_matrix: int, mr_matrix: int, n: int) -> Path:
-    from medmtl.data.ingest import ingest
-    from medmtl.data.synth import synthesize_exports
+    from medmtl.ingest.run import ingest
+    from medmtl.synth import synthesize_exports
 
     synth = synthesize_exports(work / "synth", n_ct=n, n_mr=n, seed=3, ct_matrix=ct_matrix, mr_matrix=mr_matrix)
     ingest(synth.export_dir, work / "data", labels_dir=synth.labels_dir, progress=False)
@@ -195,9 +195,9 @@ def bench_predict(work: Path) -> None:
 
     from medmtl.config import config_to_yaml, load_config
     from medmtl.data.plan import compute_plan
-    from medmtl.data.synth import synthesize_exports
+    from medmtl.synth import synthesize_exports
     from medmtl.models.two_column import TwoColumnNet
-    from medmtl.tracking.pyfunc_model import log_segmentation_model
+    from medmtl.inference.pyfunc_model import log_segmentation_model
     from medmtl.tracking.store import ensure_experiment
 
     data_dir = _dataset(work / "demo", ct_matrix=96, mr_matrix=80, n=2)

@@ -98,14 +98,14 @@ def _run(args: argparse.Namespace) -> int:
     from medmtl.config import config_to_yaml, load_config
 
     if args.command == "synth":
-        from medmtl.data.synth import synthesize_exports
+        from medmtl.synth import synthesize_exports
 
         res = synthesize_exports(args.out_dir, n_ct=args.ct, n_mr=args.mr, seed=args.seed, progress=True)
         n_img = sum(not s.is_localizer for s in res.series)
         print(f"wrote {n_img} image series ({args.ct} CT, {args.mr} MR patients) to {res.export_dir}, labels in {res.labels_dir}")
         return 0
     if args.command == "ingest":
-        from medmtl.data.ingest import ingest
+        from medmtl.ingest.run import ingest
 
         names = load_config(args.config).data.labels if args.config else None
         report = ingest(args.export_dir, args.out, labels_dir=args.labels, workers=args.workers, progress=True,
@@ -212,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medmtl`` console command."""
     from medmtl.config import ConfigError
-    from medmtl.data.ingest import IngestError
+    from medmtl.ingest.run import IngestError
 
     args = build_parser().parse_args(argv)
     # per-file download bars of MLflow drown the command's own output

@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 from medmtl.config import ExperimentConfig
-from medmtl.data.ingest import ingest
-from medmtl.data.synth import synthesize_exports
+from medmtl.ingest.run import ingest
+from medmtl.synth import synthesize_exports
 from medmtl.tracking.registry import register_run_model
 from medmtl.tracking.store import ui_command
 from pipelines.train import run_training

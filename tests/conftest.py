@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from medmtl.data.ingest import ingest
-from medmtl.data.synth import synthesize_exports
+from medmtl.ingest.run import ingest
+from medmtl.synth import synthesize_exports
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "tests" / "configs" / "tiny.yaml"

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from medmtl.data.synth import synthesize_exports
+from medmtl.synth import synthesize_exports
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 
 from medmtl.data.manifest import ManifestEntry
 from medmtl.data.transforms import RemapLabels
-from medmtl.evaluation.inference import Segmenter
+from medmtl.inference.segmenter import Segmenter
 from medmtl.evaluation.metrics import dice_per_class, hd95_per_class, mean_ignoring_nan
 
 __all__ = ["Evaluation", "evaluate_cases"]

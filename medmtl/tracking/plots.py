@@ -124,7 +124,7 @@ def log_overlays(logger, segmenter, entries: dict[str, list], data_dir: str | Pa
 
     Args:
         logger: a :class:`~medmtl.tracking.logger.RunLogger`.
-        segmenter: a :class:`~medmtl.evaluation.inference.Segmenter` on the trained net.
+        segmenter: a :class:`~medmtl.inference.segmenter.Segmenter` on the trained net.
         entries: held-out manifest entries per modality (``split.val``).
         data_dir: the ingested dataset folder.
         labels: ``cfg.data.labels``.

@@ -15,10 +15,10 @@ from medmtl.config import ExperimentConfig, config_to_yaml, flatten_config
 from medmtl.data.loaders import Split
 from medmtl.data.plan import Plan
 from medmtl.evaluation.evaluate import Evaluation
-from medmtl.evaluation.inference import Segmenter
+from medmtl.inference.segmenter import Segmenter
 from medmtl.tracking.logger import NullLogger, RunLogger, last_logged_steps
 from medmtl.tracking.plots import log_history_plots, log_overlays
-from medmtl.tracking.pyfunc_model import log_segmentation_model
+from medmtl.inference.pyfunc_model import log_segmentation_model
 from medmtl.tracking.registry import EVAL_SET_TAG, eval_set_fingerprint
 from medmtl.tracking.store import apply_http_settings, ensure_experiment, resolve_tracking_uri
 from medmtl.tracking.system_metrics import start_system_metrics

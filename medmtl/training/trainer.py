@@ -20,7 +20,7 @@ from medmtl.config import ExperimentConfig
 from medmtl.data.loaders import Split, augment_device, build_training_stream
 from medmtl.data.plan import Plan
 from medmtl.evaluation.evaluate import Evaluation, evaluate_cases
-from medmtl.evaluation.inference import Segmenter
+from medmtl.inference.segmenter import Segmenter
 from medmtl.models.two_column import MODALITIES, TwoColumnNet
 from medmtl.training.checkpoint import capture_rng, restore_rng, save_checkpoint
 from medmtl.training.distributed import DistributedContext, check_in_sync

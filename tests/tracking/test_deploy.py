@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from medmtl.cli import main as medmtl
-from medmtl.data.synth import synthesize_exports
+from medmtl.synth import synthesize_exports
 from medmtl.tracking.registry import register_run_model
 from tracking_helpers import MODEL_NAME, clean_env, free_port, wait_http
 from tracking_phi import assert_no_phi

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from medmtl.config import load_config
-from medmtl.data.ingest import ingest
-from medmtl.data.pseudonym import SECRET_FILE_NAME
-from medmtl.data.synth import synthesize_exports
+from medmtl.ingest.run import ingest
+from medmtl.ingest.pseudonym import SECRET_FILE_NAME
+from medmtl.synth import synthesize_exports
 from medmtl.data.loaders import load_split
 from medmtl.data.plan import compute_plan, resolve_plan
 from medmtl.tracking.logger import NullLogger

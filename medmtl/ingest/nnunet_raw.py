@@ -15,12 +15,12 @@ manifest and report as a DICOM export. What is read:
   ``labelsTr/<case><file_ending>``; ``imagesTs/`` holds unlabelled cases. Every channel becomes its own
   manifest image (one modality each), with a copy of the case's label.
 
-What ingest does with them (:mod:`medmtl.data.ingest`): images are decoded and re-encoded through the same
+What ingest does with them (:mod:`medmtl.ingest.run`): images are decoded and re-encoded through the same
 atomic writer as DICOM series (only the geometry is kept from the source header, so ``descrip``, ``aux_file``
 and other free-text fields never pass), labels are checked against their image in world space (axes may be
 flipped or permuted; any other mismatch is a ``label_mismatch`` rejection), label values must be declared in
 ``dataset.json``, and values are mapped to the configured class names when every label name matches one
-(:func:`medmtl.data.dicom_seg.map_label_values`).
+(:func:`medmtl.ingest.dicom_seg.map_label_values`).
 
 Identifiers: the case identifier of an nnU-Net dataset may be anything, MRNs included, so it never leaves
 memory in clear. Case ids are ``HMAC(secret, "nnunet:<dataset folder name>:<case>")`` and series keys
@@ -39,8 +39,8 @@ from typing import Callable, Mapping
 import nibabel as nib
 import numpy as np
 
-from medmtl.data.dicom_seg import map_label_values
-from medmtl.data.dicom_series import LABEL_TOL_VOXELS, LabelError, SeriesReadError
+from medmtl.ingest.dicom_seg import map_label_values
+from medmtl.ingest.dicom_series import LABEL_TOL_VOXELS, LabelError, SeriesReadError
 
 DATASET_JSON = "dataset.json"
 FILE_ENDINGS = (".nii.gz", ".nii")

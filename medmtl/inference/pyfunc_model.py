@@ -58,13 +58,13 @@ def model_signature(class_names: list[str]) -> ModelSignature:
 
 
 class SegmentationModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper around :class:`~medmtl.evaluation.inference.Segmenter`."""
+    """pyfunc wrapper around :class:`~medmtl.inference.segmenter.Segmenter`."""
 
     def load_context(self, context) -> None:
         """Rebuild the net from the logged config and load the weights (``weights_only=True``)."""
         from medmtl.config import validate_config
         from medmtl.data.plan import load_plan
-        from medmtl.evaluation.inference import Segmenter
+        from medmtl.inference.segmenter import Segmenter
         from medmtl.models.two_column import TwoColumnNet
 
         cfg = validate_config(yaml.safe_load(Path(context.artifacts["config"]).read_text()), context.artifacts["config"])
@@ -78,7 +78,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Segment every row (NIfTI, DICOM folder or array); write the outputs that the row asks for."""
-        from medmtl.tracking.model_io import SegNotPossible, read_model_input, write_dicom_seg, write_nifti
+        from medmtl.inference.model_io import SegNotPossible, read_model_input, write_dicom_seg, write_nifti
 
         all_names = _all_class_names(self.cfg)
         rows = []

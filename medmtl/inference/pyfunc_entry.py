@@ -7,6 +7,6 @@ whose ``load_context`` rebuilds the net from the logged config and loads the ``s
 
 from mlflow.models import set_model
 
-from medmtl.tracking.pyfunc_model import SegmentationModel
+from medmtl.inference.pyfunc_model import SegmentationModel
 
 set_model(SegmentationModel())

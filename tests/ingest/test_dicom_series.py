@@ -27,8 +27,8 @@ from conftest_ingest import (  # noqa: E402
     write_series,
 )
 
-from medmtl.data.dicom_series import check_series, read_volume, scan_file, SeriesCandidate  # noqa: E402
-from medmtl.data.ingest import ingest  # noqa: E402
+from medmtl.ingest.dicom_series import check_series, read_volume, scan_file, SeriesCandidate  # noqa: E402
+from medmtl.ingest.run import ingest  # noqa: E402
 
 
 def run(export: Path, out: Path, **kw):

@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from medmtl.data.synth import LABELS, SynthResult, SynthSeries, synthesize_exports
+from medmtl.synth import LABELS, SynthResult, SynthSeries, synthesize_exports
 
 LIVER, SPLEEN, KIDNEY_L, KIDNEY_R = 1, 2, 3, 4
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

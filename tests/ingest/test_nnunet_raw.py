@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medmtl.data.ingest import IngestError, ingest
+from medmtl.ingest.run import IngestError, ingest
 from medmtl.data.manifest import read_manifest
-from medmtl.data.pseudonym import SECRET_FILE_NAME
+from medmtl.ingest.pseudonym import SECRET_FILE_NAME
 
 # Case identifiers that look like hospital ids, and header text with patient data: neither may pass.
 CASES = ["MRN0048213", "MRN0077120", "MRN0099314"]

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from medmtl.data.pseudonym import SECRET_FILE_NAME, Pseudonymizer, SecretFileError, load_or_create_secret
+from medmtl.ingest.pseudonym import SECRET_FILE_NAME, Pseudonymizer, SecretFileError, load_or_create_secret
 
 
 def test_secret_is_created_once_with_mode_0600(tmp_path):

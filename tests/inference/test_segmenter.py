@@ -12,7 +12,7 @@ from medmtl.config import load_config
 from medmtl.data.manifest import read_manifest
 from medmtl.data.plan import compute_plan
 from medmtl.data.transforms import deterministic_transforms
-from medmtl.evaluation.inference import Segmenter
+from medmtl.inference.segmenter import Segmenter
 
 
 class OracleSegmenter(Segmenter):

@@ -4,7 +4,7 @@ Inputs become one NIfTI file on the input's own grid, so that every kind goes th
 preprocessing, sliding-window inference and inversion as training-time evaluation:
 
 * a NIfTI file: used as it is;
-* a DICOM series folder: read with :mod:`medmtl.data.dicom_series` (the same header checks, slice
+* a DICOM series folder: read with :mod:`medmtl.ingest.dicom_series` (the same header checks, slice
   ordering and geometry as ingest; read-only), written to a temporary NIfTI on the DICOM grid;
 * an array ``(X, Y, Z)`` with its 4x4 RAS affine (e.g. JSON lists sent to a served model).
 
@@ -42,7 +42,7 @@ class ModelInput:
         nifti: NIfTI file on the input grid (temporary for DICOM and arrays; see :meth:`cleanup`).
         shape: input grid ``(X, Y, Z)``.
         affine: 4x4 voxel-to-RAS affine of the input grid.
-        dicom_plan: the accepted :class:`~medmtl.data.dicom_series.SeriesPlan` for DICOM inputs.
+        dicom_plan: the accepted :class:`~medmtl.ingest.dicom_series.SeriesPlan` for DICOM inputs.
     """
 
     kind: str
@@ -84,7 +84,7 @@ def read_dicom_series(folder: str | Path):
     Raises ``ValueError`` naming the folder when it holds no acceptable series (with the failed checks)
     or several (pass one series folder then).
     """
-    from medmtl.data.dicom_series import SkippedFile, assemble_series, check_series, quiet_pydicom, read_volume, scan_file
+    from medmtl.ingest.dicom_series import SkippedFile, assemble_series, check_series, quiet_pydicom, read_volume, scan_file
 
     folder = Path(folder)
     files = sorted(str(p) for p in folder.rglob("*") if p.is_file())

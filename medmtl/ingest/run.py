@@ -8,8 +8,8 @@ What ingest does, in order:
 2. Walks ``EXPORT_DIR`` recursively (any file names, DICOMDIR or not) and reads every header without pixel
    data, in parallel, with a progress bar. The export is opened read-only and never modified.
    An nnU-Net raw dataset (``dataset.json`` beside ``imagesTr/``) is detected and read instead
-   (:mod:`medmtl.data.nnunet_raw`); ``source=`` forces either kind.
-3. Assembles series and checks them (:mod:`medmtl.data.dicom_series` documents every check and whether it
+   (:mod:`medmtl.ingest.nnunet_raw`); ``source=`` forces either kind.
+3. Assembles series and checks them (:mod:`medmtl.ingest.dicom_series` documents every check and whether it
    rejects, corrects or warns).
 4. Finds each series' label, in this order:
 
@@ -17,11 +17,11 @@ What ingest does, in order:
      ``series_uid,label_path``), matched in world space: a mask on the same grid with axes flipped or
      permuted is reordered onto the image grid; a mask that does not match is a ``label_mismatch``
      rejection in the report, never a silent resample. Masks are compared with the output grid; for a
-     gantry-tilted series that is the enlarged, tilt-corrected grid (:mod:`medmtl.data.dicom_series`), and
+     gantry-tilted series that is the enlarged, tilt-corrected grid (:mod:`medmtl.ingest.dicom_series`), and
      a mask on the uncorrected (sheared) DICOM grid is accepted too and gets the same in-plane shifts
      (nearest) onto it. A mask on any other grid, such as the cropped corrected grid of ingests before the
      enlargement, is a ``label_mismatch``: it cannot label the anatomy the enlargement brought back.
-   * else a DICOM SEG object in the export that references the series (:mod:`medmtl.data.dicom_seg`: frames
+   * else a DICOM SEG object in the export that references the series (:mod:`medmtl.ingest.dicom_seg`: frames
      placed by their world positions, segments mapped to label values by name or number, overlaps resolved
      by the higher segment number). **A LABEL_DIR mask wins over a SEG for the same series:** the user
      named it explicitly, and it is usually the curated one. The SEG is then not read; the series carries
@@ -45,7 +45,7 @@ conversion settings are unchanged and whose outputs still hash to the recorded c
 interrupted ingest therefore resumes where it stopped. The manifest lists every stored series, so several
 exports can be ingested into one ``DATA_DIR``; a series that is rejected on a re-run loses its old outputs.
 
-PHI: case ids and series keys are keyed pseudonyms (:mod:`medmtl.data.pseudonym`). Nothing written or
+PHI: case ids and series keys are keyed pseudonyms (:mod:`medmtl.ingest.pseudonym`). Nothing written or
 logged carries names, patient ids, birth dates, accession numbers or source UIDs. Paths of skipped files are
 reported relative to ``EXPORT_DIR``; this assumes the PACS layout (``DICOM/PA000001/ST000001/...``) where
 folder names carry no PHI. Path components that look like DICOM UIDs are replaced by pseudonyms anyway; in
@@ -75,9 +75,9 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
-from medmtl.data import nnunet_raw
-from medmtl.data.dicom_seg import SegHeader, SegPlacement, choose_part, place_seg, read_seg_header, read_seg_label
-from medmtl.data.dicom_series import (
+from medmtl.ingest import nnunet_raw
+from medmtl.ingest.dicom_seg import SegHeader, SegPlacement, choose_part, place_seg, read_seg_header, read_seg_label
+from medmtl.ingest.dicom_series import (
     LABEL_TOL_VOXELS,
     LabelError,
     SeriesPlan,
@@ -92,7 +92,7 @@ from medmtl.data.dicom_series import (
 )
 from medmtl.atomic import atomic_path, atomic_write_bytes
 from medmtl.data.manifest import ManifestEntry, write_manifest
-from medmtl.data.pseudonym import Pseudonymizer, load_or_create_secret
+from medmtl.ingest.pseudonym import Pseudonymizer, load_or_create_secret
 
 try:
     import fcntl

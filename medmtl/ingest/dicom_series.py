@@ -312,7 +312,7 @@ def _slices_from_header(path, ds, st, pixel_offset) -> list[SliceHeader] | Skipp
         return SkippedFile(path, "dicomdir", _dicomdir_detail(path, ds))
     sop_name = UID(sop_class).name if sop_class else "unknown SOP class"
     if sop_class in SEG_SOP_CLASSES:
-        # Not an image: ingest reads SEG objects separately (medmtl.data.dicom_seg) as labels.
+        # Not an image: ingest reads SEG objects separately (medmtl.ingest.dicom_seg) as labels.
         return SkippedFile(path, "dicom_seg", f"{sop_name}; used as a label when it references an ingested series")
     if "Rows" not in ds or "Columns" not in ds:
         if "Image" in sop_name:

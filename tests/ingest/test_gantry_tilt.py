@@ -18,7 +18,7 @@ from scipy.ndimage import map_coordinates
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest_ingest import assert_world_match, dcm2niix_convert, dicom_world_values, write_series  # noqa: E402
 
-from medmtl.data.ingest import ingest  # noqa: E402
+from medmtl.ingest.run import ingest  # noqa: E402
 
 ROWS, COLS, N, STEP = 12, 10, 8, 2.0
 SPACING = (0.8, 0.7)  # PixelSpacing: between rows (along v = y), between columns (along u = x)

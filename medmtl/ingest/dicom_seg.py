@@ -45,7 +45,7 @@ import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
 
-from medmtl.data.dicom_series import (
+from medmtl.ingest.dicom_series import (
     LABEL_TOL_VOXELS,
     ORIENTATION_TOL,
     LabelError,

@@ -22,10 +22,10 @@ from pydicom.pixels import pack_bits
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest_ingest import phi_strings, write_series  # noqa: E402
 
-from medmtl.data.ingest import ingest  # noqa: E402
+from medmtl.ingest.run import ingest  # noqa: E402
 from medmtl.data.manifest import read_manifest  # noqa: E402
-from medmtl.data.pseudonym import SECRET_FILE_NAME, Pseudonymizer  # noqa: E402
-from medmtl.data.synth import LABELS, synthesize_exports  # noqa: E402
+from medmtl.ingest.pseudonym import SECRET_FILE_NAME, Pseudonymizer  # noqa: E402
+from medmtl.synth import LABELS, synthesize_exports  # noqa: E402
 
 SEG_AUTHOR = "SEGMENTER^PERSEPHONE"  # planted in every SEG: an annotator's name must not pass either
 _CATEGORY = hd.sr.CodedConcept("123037004", "SCT", "Anatomical Structure")

@@ -21,12 +21,12 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest_ingest import assert_same_world, dcm2niix_convert, phi_strings, write_non_image, write_series  # noqa: E402
 
-import medmtl.data.ingest as ingest_mod  # noqa: E402
-from medmtl.data.ingest import IngestError, ingest  # noqa: E402
+import medmtl.ingest.run as ingest_mod  # noqa: E402
+from medmtl.ingest.run import IngestError, ingest  # noqa: E402
 from medmtl.data.manifest import read_manifest  # noqa: E402
-from medmtl.data.pseudonym import SECRET_FILE_NAME  # noqa: E402
+from medmtl.ingest.pseudonym import SECRET_FILE_NAME  # noqa: E402
 
-synth = pytest.importorskip("medmtl.data.synth")
+synth = pytest.importorskip("medmtl.synth")
 
 
 @pytest.fixture(scope="module")
