@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -28,7 +27,8 @@ def server_command(*, store: Path, host: str, port: int, workers: int, backend_s
     """The ``mlflow server`` command line for these settings."""
     backend = backend_store_uri or f"sqlite:///{store.resolve() / 'mlflow.db'}"
     artifacts = artifacts_destination or str(store.resolve() / "artifacts")
-    exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    # this interpreter's mlflow, not whichever one PATH finds first
+    exe = str(Path(sys.executable).with_name("mlflow"))
     cmd = [exe, "server", "--backend-store-uri", backend, "--artifacts-destination", artifacts,
            "--host", host, "--port", str(port), "--workers", str(workers)]
     if app_name:
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     store.mkdir(parents=True, exist_ok=True)
     cmd = server_command(store=store, host=args.host, port=args.port, workers=args.workers, backend_store_uri=args.backend_store_uri,
                          artifacts_destination=args.artifacts_destination, app_name="basic-auth" if args.basic_auth else None)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    # the server starts uvicorn/gunicorn through PATH: this interpreter's scripts come first
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]))
     if args.print:
         print("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false " + " ".join(cmd))
         return 0

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import requests
 
+from medmtl.procenv import interpreter_env
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = ROOT / "tests" / "configs" / "tiny.yaml"
 MODEL_NAME = "medmtl-tiny"
@@ -45,10 +47,9 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without MLFLOW_* variables (tests choose their store explicitly)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(extra)
-    return env
+    """This environment without MLFLOW_* variables (tests choose their store explicitly), with this
+    interpreter's scripts first on PATH (``mlflow models serve`` execs ``uvicorn`` through PATH)."""
+    return interpreter_env({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **extra)
 
 
 @dataclass
