@@ -18,9 +18,13 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medmtl.errors import ConfigError
+from medmtl.modality import MODALITIES, Modality
+
 __all__ = [
     "ConfigError",
     "ExperimentConfig",
+    "LossConfig",
     "load_config",
     "apply_overrides",
     "config_to_yaml",
@@ -31,10 +35,6 @@ __all__ = [
 DEPTH_NAMES_HELP = (
     "depth names are enc0..enc{K-2}, bottleneck, dec{K-2}..dec0 for a column with K channel levels"
 )
-
-
-class ConfigError(ValueError):
-    """A configuration file, key or override is invalid; the message names the file and key."""
 
 
 class _Strict(BaseModel):
@@ -53,7 +53,7 @@ class DataConfig(_Strict):
     cache: Literal["memory", "none"] = Field("memory", description="cache the deterministic part of the transform chain in memory (CacheDataset) or not at all")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per modality")
     augment_on_device: bool = Field(True, description="on CUDA, move the cached tensors to the GPU (ToDeviced after the cached part) so patch sampling and augmentation run there; the loader then runs in threads, without worker processes")
-    labels: dict[Literal["ct", "mr"], dict[int, str]] = Field(
+    labels: dict[Modality, dict[int, str]] = Field(
         default_factory=lambda: {
             "ct": {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right"},
             "mr": {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right"},
@@ -64,7 +64,7 @@ class DataConfig(_Strict):
     @field_validator("labels")
     @classmethod
     def _labels_valid(cls, v: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
-        for modality in ("ct", "mr"):
+        for modality in MODALITIES:
             if modality not in v or not v[modality]:
                 raise ValueError(f"labels.{modality} must map at least one label value to a class name")
             if 0 in v[modality]:
@@ -101,7 +101,7 @@ class AlbumentationsConfig(_Strict):
 class PreprocessConfig(_Strict):
     """Deterministic preprocessing and patch sampling; values left null are taken from the plan."""
 
-    target_spacing: dict[Literal["ct", "mr"], tuple[float, float, float] | None] = Field(
+    target_spacing: dict[Modality, tuple[float, float, float] | None] = Field(
         default_factory=lambda: {"ct": None, "mr": None},
         description="per modality resampling spacing in mm (RAS order); null = planned from the data",
     )
@@ -176,9 +176,25 @@ class _SharingBase(_Strict):
         return False
 
     def depth_keys(self, available: list[str]) -> dict[str, list[str]]:
-        """Config key -> the depth names it lists (``"all"`` expanded); ``depths`` comes first."""
+        """Config key -> the depth names it lists (``"all"`` expanded, the one place that does); ``depths`` first."""
         depths = getattr(self, "depths")
         return {"depths": list(available) if depths == "all" else list(depths)}
+
+    def resolved_depths(self, available: list[str]) -> list[str]:
+        """The depths the mechanism acts at (``depths`` with ``"all"`` expanded), in config order."""
+        return self.depth_keys(available)["depths"]
+
+    def shared_depths(self, available: list[str]) -> list[str]:
+        """Depths whose stage parameters receive gradient from both tasks because of this mechanism.
+
+        Tied stages are used by both columns; a mixing unit runs each batch through both columns up to
+        its last depth, so every stage up to there is on both tasks' paths. A penalty alone shares none.
+        """
+        depths = self.resolved_depths(available)
+        if self.mixes_activations:
+            last = max(available.index(d) for d in depths)
+            return list(available[: last + 1])
+        return depths if self.ties_parameters else []
 
     def check(self, *, index: int, model: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
         """Mechanism-specific checks against the model's stage ``shapes``; raise ValueError naming ``sharing.<index>.<key>``."""
@@ -303,13 +319,46 @@ SharingConfig = Annotated[
 
 
 # ---------------------------------------------------------------------------------------- weighting
-class EqualWeightingConfig(_Strict):
+class _WeightingBase(_Strict):
+    """What every weighting method's section declares about what it needs; the step and the builder read only this."""
+
+    @property
+    def probe_depth(self) -> str | None:
+        """Depth whose parameters ``W`` (both columns) get each task's gradient norm read between the backward
+        passes (GradNorm's ``W``); None = no probe."""
+        return None
+
+    @property
+    def gradient_parameters(self) -> Literal["shared"] | None:
+        """Parameters on which :meth:`~medmtl.weighting.base.LossWeighting.adjust_gradients` gets each task's
+        gradient: ``"shared"`` = those both tasks put gradient on; None = the hook is not called (no copies)."""
+        return None
+
+    def check(self, experiment: "ExperimentConfig") -> None:
+        """Config-time checks against the whole experiment; raise ValueError naming ``weighting.<key>``.
+
+        The default checks what the declarations above need: the probe depth exists, and a method acting
+        on shared parameters has some (two independent columns with soft sharing have none).
+        """
+        names = experiment.model.depth_names
+        if self.probe_depth is not None and self.probe_depth not in names:
+            raise ValueError(f"weighting.depth: unknown depth {self.probe_depth!r}; {DEPTH_NAMES_HELP} (here: {', '.join(names)})")
+        if self.gradient_parameters == "shared" and not experiment.shared_depths:
+            method = getattr(self, "method")
+            raise ValueError(
+                f"weighting.method: {method} acts on the parameters both tasks put gradient on, but the sharing section "
+                f"({', '.join(m.kind for m in experiment.sharing) or 'empty'}) has none: the columns are independent, so "
+                "the method would do nothing; add a mechanism that shares parameters (hard, shared_kernels, cross_stitch, "
+                "sluice) or choose another weighting method")
+
+
+class EqualWeightingConfig(_WeightingBase):
     """Every task loss weighted 1."""
 
     method: Literal["equal"] = "equal"
 
 
-class GradNormConfig(_Strict):
+class GradNormConfig(_WeightingBase):
     """GradNorm (Chen et al. 2018) on the parameters of one depth present in both columns."""
 
     method: Literal["gradnorm"] = "gradnorm"
@@ -318,8 +367,13 @@ class GradNormConfig(_Strict):
     depth: str = Field("bottleneck", description="depth whose parameters (in both columns) are W")
     initial_loss_steps: int = Field(1, ge=1, description="L_i(0) is the mean loss of the first N steps (1 = first step, as published)")
 
+    @property
+    def probe_depth(self) -> str:
+        """GradNorm's ``W``: the parameters of ``depth`` in both columns."""
+        return self.depth
 
-class UncertaintyWeightingConfig(_Strict):
+
+class UncertaintyWeightingConfig(_WeightingBase):
     """Homoscedastic uncertainty weighting (Kendall et al. 2018): term ``exp(-s_i) L_i + s_i``, ``s_i`` learned."""
 
     method: Literal["uncertainty"] = "uncertainty"
@@ -327,7 +381,7 @@ class UncertaintyWeightingConfig(_Strict):
     lr: float | None = Field(None, gt=0.0, description="learning rate of the s_i in the network optimizer (no weight decay); null = train.lr")
 
 
-class DWAConfig(_Strict):
+class DWAConfig(_WeightingBase):
     """Dynamic Weight Average (Liu et al. 2019) from epoch-mean losses; an epoch is a fixed number of steps."""
 
     method: Literal["dwa"] = "dwa"
@@ -335,7 +389,7 @@ class DWAConfig(_Strict):
     steps_per_epoch: int = Field(50, ge=1, description="applied steps that make one DWA epoch (training is iteration based); weights are 1 for the first two epochs")
 
 
-class DSTConfig(_Strict):
+class DSTConfig(_WeightingBase):
     """Dropped scheduled task (Malhotra et al. 2020/2023): drop a task for a step as it progresses and stalls."""
 
     method: Literal["dst"] = "dst"
@@ -358,7 +412,7 @@ class TrainConfig(_Strict):
     """Optimization: steps, batches, optimizer, schedule, precision, validation."""
 
     steps: int = Field(400, ge=1, description="optimizer steps in total")
-    batch_size: dict[Literal["ct", "mr"], int] | None = Field(default_factory=lambda: {"ct": 2, "mr": 2}, description="patches per step per modality (sets the CT:MR sampling ratio); null = planned from preprocess.memory_budget_mb")
+    batch_size: dict[Modality, int] | None = Field(default_factory=lambda: {"ct": 2, "mr": 2}, description="patches per step per modality (sets the CT:MR sampling ratio); null = planned from preprocess.memory_budget_mb")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="network optimizer")
     lr: float = Field(3e-3, gt=0.0, description="initial learning rate")
     weight_decay: float = Field(1e-5, ge=0.0, description="decoupled weight decay (adamw) or L2 (sgd)")
@@ -374,10 +428,23 @@ class TrainConfig(_Strict):
     @field_validator("batch_size")
     @classmethod
     def _both_modalities(cls, v: dict[str, int] | None) -> dict[str, int] | None:
-        for m in ("ct", "mr") if v is not None else ():
+        for m in MODALITIES if v is not None else ():
             if v.get(m, 0) < 1:
                 raise ValueError(f"batch_size.{m} must be a positive integer")
         return v
+
+
+class LossConfig(_Strict):
+    """Segmentation loss of each head: MONAI ``DiceCELoss`` on softmax outputs against one-hot labels."""
+
+    kind: Literal["dice_ce"] = Field("dice_ce", description="loss function: Dice plus cross-entropy (MONAI DiceCELoss)")
+    include_background: bool = Field(False, description="include the background channel in the Dice term")
+    squared_pred: bool = Field(False, description="square the predictions in the Dice denominator (V-Net)")
+    batch: bool = Field(False, description="compute the Dice over the whole batch instead of per sample, then average")
+    smooth_nr: float = Field(1e-5, ge=0.0, description="constant added to the Dice numerator")
+    smooth_dr: float = Field(1e-5, ge=0.0, description="constant added to the Dice denominator")
+    lambda_dice: float = Field(1.0, ge=0.0, description="weight of the Dice term")
+    lambda_ce: float = Field(1.0, ge=0.0, description="weight of the cross-entropy term")
 
 
 class EvalConfig(_Strict):
@@ -438,6 +505,7 @@ class ExperimentConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     sharing: list[SharingConfig] = Field(default_factory=list, description="sharing mechanisms at chosen depths; empty = single-task baseline (independent columns)")
     weighting: WeightingConfig = Field(default_factory=EqualWeightingConfig, description="loss-weighting method (equal, gradnorm, uncertainty, dwa, dst) and its hyper-parameters")
+    loss: LossConfig = Field(default_factory=LossConfig, description="segmentation loss of each head")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -490,14 +558,20 @@ class ExperimentConfig(_Strict):
                 if d in tied:
                     raise ValueError(f"sharing.{i}.depths: depth {d!r} is already shared by sharing.{tied[d]}; "
                                      "a penalty between a stage and itself is zero, remove the depth from one of them")
-        if self.weighting.method == "gradnorm" and self.weighting.depth not in names:
-            raise ValueError(f"weighting.depth: unknown depth {self.weighting.depth!r}; {DEPTH_NAMES_HELP} (here: {', '.join(names)})")
+        self.weighting.check(self)
         return self
 
     @property
     def mixes_activations(self) -> bool:
         """True when a unit mixes the columns' activations (each batch then runs through both columns)."""
         return any(m.mixes_activations for m in self.sharing)
+
+    @property
+    def shared_depths(self) -> list[str]:
+        """Depths whose parameters receive gradient from both tasks (tied, or on a dual path), in execution order."""
+        names = self.model.depth_names
+        shared = {d for m in self.sharing for d in m.shared_depths(names)}
+        return [d for d in names if d in shared]
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -25,13 +25,13 @@ from medmtl.config import ExperimentConfig
 from medmtl.data.manifest import ManifestEntry, read_manifest
 from medmtl.data.plan import Plan
 from medmtl.data.transforms import cached_training_transforms, random_transforms
+from medmtl.modality import MODALITIES
 
 __all__ = [
     "Split", "split_cases", "EndlessSampler", "SeededSamples", "UnpairedBatches", "augment_device", "training_dataset",
     "build_training_stream", "load_split", "MODALITIES",
 ]
 
-MODALITIES = ("ct", "mr")
 
 
 @dataclass

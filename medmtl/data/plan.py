@@ -42,6 +42,7 @@ import torch
 from medmtl.config import ExperimentConfig, ModelConfig
 from medmtl.atomic import atomic_write_bytes
 from medmtl.data.manifest import ManifestEntry, read_manifest
+from medmtl.modality import MODALITIES, dicom_modality
 
 __all__ = [
     "ModalityPlan", "Plan", "compute_plan", "resolve_plan", "save_plan", "load_plan", "spacing_ras", "body_mask",
@@ -329,7 +330,7 @@ def compute_plan(data_dir: str | Path, cfg: ExperimentConfig | None = None) -> P
     data_dir = Path(data_dir)
     cfg = cfg if cfg is not None else ExperimentConfig()
     entries = read_manifest(data_dir)
-    by_mod = {m: [e for e in entries if e.modality == m.upper()] for m in ("ct", "mr")}
+    by_mod = {m: [e for e in entries if e.modality == dicom_modality(m)] for m in MODALITIES}
     return Plan(ct=_plan_modality(data_dir, by_mod["ct"], "ct", cfg), mr=_plan_modality(data_dir, by_mod["mr"], "mr", cfg))
 
 
@@ -345,7 +346,7 @@ def resolve_plan(plan: Plan, cfg: ExperimentConfig) -> Plan:
     """
     out = copy.deepcopy(plan)
     pp = cfg.preprocess
-    for m in ("ct", "mr"):
+    for m in MODALITIES:
         mp = out.for_modality(m)
         rederive = False
         override = pp.target_spacing.get(m)

@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from medmtl.atomic import atomic_path
+from medmtl.modality import MODALITIES
 
 __all__ = ["ModelInput", "read_model_input", "read_dicom_series", "write_nifti", "write_dicom_seg", "SegNotPossible"]
 
@@ -62,7 +63,7 @@ class ModelInput:
 
 def _modality(value, where: str) -> str:
     m = str(value or "").strip().lower()
-    if m not in ("ct", "mr"):
+    if m not in MODALITIES:
         raise ValueError(f"{where}: modality must be CT or MR, got {value!r}")
     return m
 

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from medmtl.modality import MODALITIES, dicom_modality
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
@@ -101,7 +102,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                 except SegNotPossible as why:
                     seg_out = f"not written: {why}"
             counts = np.bincount(pred.class_indices.reshape(-1), minlength=len(names) + 1)
-            row = {"modality": inp.modality.upper(), "shape": json.dumps(list(pred.labels.shape)), "output": out, "seg_output": seg_out}
+            row = {"modality": dicom_modality(inp.modality), "shape": json.dumps(list(pred.labels.shape)), "output": out, "seg_output": seg_out}
             row.update({f"voxels_{n}": int(counts[1 + names.index(n)]) if n in names else 0 for n in all_names})
             row["labels"] = pred.labels.astype(int).tolist() if inp.kind == "array" else None
             rows.append(row)
@@ -114,7 +115,7 @@ def _missing(v) -> bool:
 
 def _all_class_names(cfg) -> list[str]:
     seen: list[str] = []
-    for m in ("ct", "mr"):
+    for m in MODALITIES:
         for n in cfg.data.labels[m].values():
             if n not in seen:
                 seen.append(n)

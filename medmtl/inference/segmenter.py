@@ -18,6 +18,7 @@ from monai.transforms import Compose, Invertd
 from medmtl.config import ExperimentConfig
 from medmtl.data.plan import Plan
 from medmtl.data.transforms import deterministic_transforms, patch_size
+from medmtl.modality import MODALITIES
 
 __all__ = ["Prediction", "Segmenter"]
 
@@ -37,9 +38,9 @@ class Segmenter:
     def __init__(self, net: torch.nn.Module, cfg: ExperimentConfig, plan: Plan, *, device: torch.device | str = "cpu") -> None:
         self.net, self.cfg, self.plan = net, cfg, plan
         self.device = torch.device(device)
-        self.pre = {m: Compose(deterministic_transforms(cfg, plan, m, with_label=False, crop=False)) for m in ("ct", "mr")}
-        self.roi = {m: patch_size(cfg, plan, m) for m in ("ct", "mr")}
-        self.values = {m: np.array([0] + list(cfg.data.labels[m]), dtype=np.int64) for m in ("ct", "mr")}
+        self.pre = {m: Compose(deterministic_transforms(cfg, plan, m, with_label=False, crop=False)) for m in MODALITIES}
+        self.roi = {m: patch_size(cfg, plan, m) for m in MODALITIES}
+        self.values = {m: np.array([0] + list(cfg.data.labels[m]), dtype=np.int64) for m in MODALITIES}
 
     @torch.no_grad()
     def logits(self, image: torch.Tensor, modality: str) -> torch.Tensor:

@@ -8,13 +8,14 @@ so the column is built here from MONAI blocks (``ResidualUnit``, ``Convolution``
     (dec_i works at the resolution of enc_i and receives enc_i's output as its skip connection)
 
 Sharing mechanisms address these names (``enc0``, ``bottleneck``, ``dec0``, ...). Shapes: input
-``(B, in_channels, D, H, W)`` with every spatial size divisible by ``2 ** (levels - 1)``; the output of
+``(B, in_channels, D, H, W)`` with every spatial size divisible by ``2 ** (len(channels) - 1)``; the output of
 ``enc_i`` and ``dec_i`` has ``channels[i]`` channels at ``1 / 2**i`` of the input size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
@@ -22,7 +23,11 @@ from torch import nn
 
 from medmtl.config import ModelConfig
 
-__all__ = ["Column", "Stage", "norm_spec"]
+__all__ = ["Column", "Stage", "StageKind", "norm_spec"]
+
+#: ``same``: refine at the input resolution (enc0); ``down``: stride-2 downsampling (enc_i, bottleneck);
+#: ``decoder``: transposed-convolution upsampling, concatenation of the skip connection, refinement
+StageKind = Literal["same", "down", "decoder"]
 
 
 def norm_spec(norm: str) -> tuple | str:
@@ -30,14 +35,14 @@ def norm_spec(norm: str) -> tuple | str:
     return {"instance": ("instance", {"affine": True}), "batch": "batch", "group": ("group", {"num_groups": 4})}[norm]
 
 
-def _unit(cfg: ModelConfig, c_in: int, c_out: int, strides: int) -> nn.Module:
+def _unit(cfg: ModelConfig, in_channels: int, out_channels: int, strides: int) -> nn.Module:
     if cfg.num_res_units > 0:
         return ResidualUnit(
-            spatial_dims=3, in_channels=c_in, out_channels=c_out, strides=strides, kernel_size=3,
+            spatial_dims=3, in_channels=in_channels, out_channels=out_channels, strides=strides, kernel_size=3,
             subunits=cfg.num_res_units + 1, norm=norm_spec(cfg.norm), dropout=cfg.dropout or None, act="PRELU",
         )
     return Convolution(
-        spatial_dims=3, in_channels=c_in, out_channels=c_out, strides=strides, kernel_size=3,
+        spatial_dims=3, in_channels=in_channels, out_channels=out_channels, strides=strides, kernel_size=3,
         norm=norm_spec(cfg.norm), dropout=cfg.dropout or None, act="PRELU",
     )
 
@@ -49,17 +54,18 @@ class Stage(nn.Module):
     deeper feature map with a transposed convolution, concatenate the skip connection and refine.
     """
 
-    def __init__(self, *, cfg: ModelConfig, c_in: int, c_out: int, kind: str, c_skip: int = 0) -> None:
+    def __init__(self, *, cfg: ModelConfig, in_channels: int, out_channels: int, kind: StageKind,
+                 skip_channels: int = 0) -> None:
         super().__init__()
         self.kind = kind
         if kind == "decoder":
             self.up = Convolution(
-                spatial_dims=3, in_channels=c_in, out_channels=c_out, strides=2, kernel_size=3,
+                spatial_dims=3, in_channels=in_channels, out_channels=out_channels, strides=2, kernel_size=3,
                 norm=norm_spec(cfg.norm), act="PRELU", is_transposed=True,
             )
-            self.block = _unit(cfg, c_out + c_skip, c_out, strides=1)
+            self.block = _unit(cfg, out_channels + skip_channels, out_channels, strides=1)
         else:
-            self.block = _unit(cfg, c_in, c_out, strides=2 if kind == "down" else 1)
+            self.block = _unit(cfg, in_channels, out_channels, strides=2 if kind == "down" else 1)
 
     def output_convs(self) -> list[nn.Conv3d]:
         """The convolutions whose filters write the stage's output channels (channel ``c`` of the output
@@ -76,7 +82,7 @@ class Stage(nn.Module):
         return [self.block.conv]
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, c_in, ...) -> (B, c_out, ...)``; decoder stages take the skip tensor at the output size."""
+        """``(B, in_channels, ...) -> (B, out_channels, ...)``; decoder stages take the skip tensor at the output size."""
         if self.kind == "decoder":
             return self.block(torch.cat([self.up(x), skip], dim=1))
         return self.block(x)
@@ -94,19 +100,14 @@ class Column(nn.Module):
         ch = list(cfg.channels)
         k = len(ch)
         self.depth_names: list[str] = cfg.depth_names
-        self.out_channels = ch[0]
         self.stages = nn.ModuleDict()
-        self.stages["enc0"] = Stage(cfg=cfg, c_in=cfg.in_channels, c_out=ch[0], kind="same")
+        self.stages["enc0"] = Stage(cfg=cfg, in_channels=cfg.in_channels, out_channels=ch[0], kind="same")
         for i in range(1, k - 1):
-            self.stages[f"enc{i}"] = Stage(cfg=cfg, c_in=ch[i - 1], c_out=ch[i], kind="down")
-        self.stages["bottleneck"] = Stage(cfg=cfg, c_in=ch[k - 2], c_out=ch[k - 1], kind="down")
+            self.stages[f"enc{i}"] = Stage(cfg=cfg, in_channels=ch[i - 1], out_channels=ch[i], kind="down")
+        self.stages["bottleneck"] = Stage(cfg=cfg, in_channels=ch[k - 2], out_channels=ch[k - 1], kind="down")
         for i in reversed(range(k - 1)):
-            self.stages[f"dec{i}"] = Stage(cfg=cfg, c_in=ch[i + 1], c_out=ch[i], kind="decoder", c_skip=ch[i])
-
-    @property
-    def levels(self) -> int:
-        """Number of resolution levels (the input size must be divisible by ``2 ** (levels - 1)``)."""
-        return (len(self.depth_names) + 1) // 2
+            self.stages[f"dec{i}"] = Stage(cfg=cfg, in_channels=ch[i + 1], out_channels=ch[i], kind="decoder",
+                                           skip_channels=ch[i])
 
     def stage_steps(self) -> Iterator[tuple[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]]]:
         """Yield ``(depth_name, fn)`` in execution order, ``fn(x, skips) -> y``.

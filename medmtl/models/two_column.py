@@ -16,13 +16,12 @@ import torch
 from torch import nn
 
 from medmtl.config import ExperimentConfig
+from medmtl.modality import MODALITIES
 from medmtl.models.column import Column
 from medmtl.models.deep_supervision import deep_supervision_weights
 from medmtl.sharing import SharingMechanism, build_mechanism
 
-__all__ = ["TwoColumnNet", "MODALITIES"]
-
-MODALITIES: tuple[str, str] = ("ct", "mr")
+__all__ = ["TwoColumnNet"]
 
 
 class TwoColumnNet(nn.Module):
@@ -65,11 +64,6 @@ class TwoColumnNet(nn.Module):
     def dual_path(self) -> bool:
         """True when every batch runs through both columns (a mechanism mixes activations)."""
         return bool(self._mixers)
-
-    @property
-    def divisor(self) -> int:
-        """Each spatial input size must be a multiple of this."""
-        return 2 ** (self.columns["ct"].levels - 1)
 
     def _run(self, x: torch.Tensor, modality: str, taps: set[str]) -> dict[str, torch.Tensor]:
         """Outputs of the stages in ``taps`` of ``modality``'s column (after mixing) for a batch of that modality.
@@ -166,3 +160,34 @@ class TwoColumnNet(nn.Module):
                     seen.add(id(p))
                     out.append(p)
         return out
+
+    def task_parameters(self, modality: str) -> list[nn.Parameter]:
+        """Trainable parameters that a batch of ``modality`` can put gradient on, deduplicated, in a stable order.
+
+        Its column's stages and its heads; on a dual path also the other column's stages up to the last
+        mixing depth; every mechanism's own parameters; minus what a mechanism declares exclusive to the
+        other modality (:meth:`~medmtl.sharing.base.SharingMechanism.exclusive_parameters`).
+        """
+        modules: list[nn.Module] = [self.columns[modality], self.heads[modality], self.aux_heads[modality], *self.sharing]
+        for other in MODALITIES:
+            if other != modality:
+                modules.extend(self.columns[other].stages[d] for d in self.depth_names[: self._last_mix + 1])
+        excluded = {id(p) for m, params in ((m, ps) for mech in self.sharing for m, ps in mech.exclusive_parameters().items())
+                    if m != modality for p in params}
+        seen: set[int] = set()
+        out = []
+        for module in modules:
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen and id(p) not in excluded:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters on which both modalities put gradient (tied stages, shared kernels, every stage
+        on a dual path, mixing units), in the order of :meth:`task_parameters` of the first modality.
+
+        Gradient-level weighting methods act on these; two independent columns (soft sharing) have none.
+        """
+        others = [{id(p) for p in self.task_parameters(m)} for m in MODALITIES[1:]]
+        return [p for p in self.task_parameters(MODALITIES[0]) if all(id(p) in o for o in others)]

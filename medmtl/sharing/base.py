@@ -1,36 +1,54 @@
 """The small interface every sharing mechanism implements.
 
 A mechanism is attached once to the CT and MR columns. It may tie parameters (hard sharing, shared
-kernels), add a penalty on parameters (soft sharing), or mix the columns' activations after chosen
-stages (cross-stitch, sluice), or mix layers before the heads (sluice). The two-column net and the trainer only use this interface; no mechanism is
-named anywhere else.
+kernels), add a penalty on parameters (soft sharing), mix the columns' activations after chosen
+stages (cross-stitch, sluice), or mix layers before the heads (sluice). The two-column net and the
+trainer only use this interface; no mechanism is named anywhere else.
+
+What a mechanism *is* (mixes activations, ties parameters, penalizes parameters, mixes the head input,
+which depths it acts at with ``"all"`` expanded) is declared once, on its config class in
+:mod:`medmtl.config` (``_SharingBase``): the config validator and the network both read it from there
+(``self.cfg``). Adding a mechanism: its file here, its config class (plus its entry in the
+``SharingConfig`` union), and one line in :data:`medmtl.sharing.MECHANISMS`.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import nn
 
-__all__ = ["SharingMechanism", "resolve_depths"]
-
-
-def resolve_depths(depths: list[str] | str, available: list[str]) -> list[str]:
-    """Expand ``"all"`` to every depth name; keep the given order otherwise."""
-    return list(available) if depths == "all" else list(depths)
+__all__ = ["SharingMechanism"]
 
 
 class SharingMechanism(nn.Module):
-    """Base class: defaults are "does nothing", so each mechanism overrides only what it uses."""
+    """Base class: defaults are "does nothing", so each mechanism overrides only what it uses.
 
-    #: True when :meth:`mix` changes activations; each batch then runs through both columns.
-    mixes_activations: ClassVar[bool] = False
-    #: short name used as the prefix of logged values
-    kind: ClassVar[str] = "none"
+    Subclasses take ``cfg`` (their config section) as the only keyword of their constructor.
+    """
+
+    def __init__(self, *, cfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    @property
+    def kind(self) -> str:
+        """The config's ``kind``: prefix of logged values and penalty keys."""
+        return self.cfg.kind
+
+    @property
+    def mixes_activations(self) -> bool:
+        """The config's declaration: :meth:`mix` changes activations, so each batch runs through both columns."""
+        return self.cfg.mixes_activations
 
     def attach(self, ct: nn.Module, mr: nn.Module) -> None:
         """Bind to the two columns (called once, before the optimizer is built)."""
+
+    def exclusive_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Modality -> parameters (the mechanism's own, or ones it placed in a column) that only that
+        modality's forward uses, although they sit where the other modality's path runs (e.g. sluice's
+        beta of one modality); the net's :meth:`~medmtl.models.two_column.TwoColumnNet.shared_parameters`
+        leaves them out. None by default."""
+        return {}
 
     def mix_depths(self) -> list[str]:
         """Depth names after which :meth:`mix` must be called."""

@@ -19,12 +19,9 @@ __all__ = ["CrossStitch"]
 class CrossStitch(SharingMechanism):
     """Cross-stitch units at the configured depths; coefficients shaped ``(C or 1, 2, 2)`` per depth."""
 
-    kind = "cross_stitch"
-    mixes_activations = True
 
     def __init__(self, *, cfg: CrossStitchConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg=cfg)
         self.alpha = nn.ParameterDict()
 
     def attach(self, ct: nn.Module, mr: nn.Module) -> None:

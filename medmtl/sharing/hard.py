@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from medmtl.config import HardSharingConfig
-from medmtl.sharing.base import SharingMechanism, resolve_depths
+from medmtl.sharing.base import SharingMechanism
 
 __all__ = ["HardSharing"]
 
@@ -16,13 +16,11 @@ __all__ = ["HardSharing"]
 class HardSharing(SharingMechanism):
     """Replaces the MR column's chosen stages by the CT column's (same parameters, same buffers)."""
 
-    kind = "hard"
 
     def __init__(self, *, cfg: HardSharingConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg=cfg)
 
     def attach(self, ct: nn.Module, mr: nn.Module) -> None:
         """Tie the stages."""
-        for depth in resolve_depths(self.cfg.depths, ct.depth_names):
+        for depth in self.cfg.resolved_depths(ct.depth_names):
             mr.stages[depth] = ct.stages[depth]

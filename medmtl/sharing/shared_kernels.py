@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.normalization import GroupNorm, LayerNorm
 
 from medmtl.config import SharedKernelsConfig
-from medmtl.sharing.base import SharingMechanism, resolve_depths
+from medmtl.sharing.base import SharingMechanism
 
 __all__ = ["SharedKernels"]
 
@@ -20,15 +20,13 @@ _NORM_TYPES = (_NormBase, GroupNorm, LayerNorm)
 class SharedKernels(SharingMechanism):
     """Ties every non-normalization leaf module of the chosen stages to the CT column's."""
 
-    kind = "shared_kernels"
 
     def __init__(self, *, cfg: SharedKernelsConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg=cfg)
 
     def attach(self, ct: nn.Module, mr: nn.Module) -> None:
         """Replace the MR stage's convolutions (and activations) by the CT stage's modules."""
-        for depth in resolve_depths(self.cfg.depths, ct.depth_names):
+        for depth in self.cfg.resolved_depths(ct.depth_names):
             src = dict(ct.stages[depth].named_modules())
             for name, module in list(mr.stages[depth].named_modules()):
                 has_params = any(True for _ in module.parameters(recurse=False))

@@ -29,12 +29,10 @@ import torch
 from torch import nn
 
 from medmtl.config import SluiceConfig
+from medmtl.modality import MODALITIES
 from medmtl.sharing.base import SharingMechanism
 
 __all__ = ["Sluice", "subspace_orthogonality"]
-
-_COLUMNS = ("ct", "mr")
-
 
 def subspace_orthogonality(weight: torch.Tensor, num_subspaces: int) -> torch.Tensor:
     """``sum_(i<j) ||G_i^T G_j||_F^2`` for a convolution weight ``(C_out, C_in, k, k, k)``.
@@ -53,12 +51,9 @@ def subspace_orthogonality(weight: torch.Tensor, num_subspaces: int) -> torch.Te
 class Sluice(SharingMechanism):
     """Sluice units at the configured depths: alpha ``(2M, 2M)`` per depth, beta ``(L,)`` per modality."""
 
-    kind = "sluice"
-    mixes_activations = True
 
     def __init__(self, *, cfg: SluiceConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg=cfg)
         self.alpha = nn.ParameterDict()
         self.beta = nn.ParameterDict()
         # depth -> column -> output convolutions; plain dict so the columns' modules are not registered twice
@@ -74,8 +69,12 @@ class Sluice(SharingMechanism):
         beta = torch.tensor(list(self.cfg.beta_depths.values()), dtype=torch.float32)
         if self.cfg.beta_mode == "softmax":
             beta = beta.log()  # softmax(log b) = b / sum(b): starts at the configured (normalized) weights
-        for modality in _COLUMNS:
+        for modality in MODALITIES:
             self.beta[modality] = nn.Parameter(beta.clone())
+
+    def exclusive_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Each modality's beta: only that modality's head reads it."""
+        return {m: [self.beta[m]] for m in MODALITIES}
 
     def mix_depths(self) -> list[str]:
         """The configured alpha depths."""
@@ -111,7 +110,7 @@ class Sluice(SharingMechanism):
     def _orthogonality(self, depth: str) -> dict[str, torch.Tensor]:
         per_column = {}
         seen: set[int] = set()
-        for column in _COLUMNS:
+        for column in MODALITIES:
             terms = []
             for conv in self._convs[depth][column]:
                 if id(conv.weight) not in seen:  # a tied (hard-shared) convolution counts once
@@ -137,7 +136,7 @@ class Sluice(SharingMechanism):
         """Alpha entries (``ct0<-mr1`` = weight of MR subspace 1 in CT subspace 0), beta per modality, and the
         unweighted orthogonality term per depth and column."""
         m = self.cfg.num_subspaces
-        tags = [f"{c}{i}" for c in _COLUMNS for i in range(m)]
+        tags = [f"{c}{i}" for c in MODALITIES for i in range(m)]
         out: dict[str, float] = {}
         with torch.no_grad():
             for depth, a in self.alpha.items():
@@ -147,7 +146,7 @@ class Sluice(SharingMechanism):
                 if m > 1:
                     for column, value in self._orthogonality(depth).items():
                         out[f"sluice/{depth}/orthogonality/{column}"] = float(value)
-            for modality in _COLUMNS:
+            for modality in MODALITIES:
                 for depth, w in zip(self.cfg.beta_depths, self.beta_weights(modality)):
                     out[f"sluice/beta/{modality}/{depth}"] = float(w)
         return out

@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.normalization import GroupNorm, LayerNorm
 
 from medmtl.config import SoftSharingConfig
-from medmtl.sharing.base import SharingMechanism, resolve_depths
+from medmtl.sharing.base import SharingMechanism
 
 __all__ = ["SoftSharing", "penalized_parameters"]
 
@@ -35,16 +35,14 @@ def penalized_parameters(stage: nn.Module, *, exclude_norm_and_bias: bool) -> li
 class SoftSharing(SharingMechanism):
     """Squared-distance penalty between the CT and MR parameters of chosen depths."""
 
-    kind = "soft"
 
     def __init__(self, *, cfg: SoftSharingConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg=cfg)
         self._pairs: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def attach(self, ct: nn.Module, mr: nn.Module) -> None:
         """Record the corresponding parameter lists of both columns per depth."""
-        for depth in resolve_depths(list(self.cfg.depths), ct.depth_names):
+        for depth in self.cfg.resolved_depths(ct.depth_names):
             a = penalized_parameters(ct.stages[depth], exclude_norm_and_bias=self.cfg.exclude_norm_and_bias)
             b = penalized_parameters(mr.stages[depth], exclude_norm_and_bias=self.cfg.exclude_norm_and_bias)
             for (na, pa), (nb, pb) in zip(a, b, strict=True):

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from medmtl.tracking.store import using_tracking_uri
+from medmtl.modality import MODALITIES
 
 __all__ = ["RegisteredVersion", "GateDecision", "register_run_model", "check_gates", "promote", "CHALLENGER", "CHAMPION",
            "EVAL_SET_TAG", "eval_set_fingerprint"]
@@ -121,7 +122,7 @@ def _floors(gate, dice: dict[str, float]) -> dict[str, float]:
         if "/" in key:
             floors[_DICE_PREFIX + key] = max(floor, floors.get(_DICE_PREFIX + key, 0.0))
         else:
-            for m in ("ct", "mr"):
+            for m in MODALITIES:
                 k = f"{_DICE_PREFIX}{m}/{key}"
                 floors[k] = max(floor, floors.get(k, 0.0))
     return floors

@@ -14,19 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 
 from medmtl.config import ExperimentConfig
 from medmtl.data.loaders import Split, augment_device, build_training_stream
 from medmtl.data.plan import Plan
 from medmtl.evaluation.evaluate import Evaluation, evaluate_cases
 from medmtl.inference.segmenter import Segmenter
-from medmtl.models.two_column import MODALITIES, TwoColumnNet
 from medmtl.training.checkpoint import capture_rng, restore_rng, save_checkpoint
 from medmtl.training.distributed import DistributedContext, check_in_sync
-from medmtl.training.precision import Precision, resolve_device
-from medmtl.training.step import GradientProbe, StepResult, train_step
-from medmtl.weighting import build_weighting
+from medmtl.training.parts import build_optimizer, build_training_parts
+from medmtl.training.precision import resolve_device
+from medmtl.training.step import StepResult
 
 __all__ = ["Trainer", "TrainSummary", "seed_everything", "build_optimizer"]
 
@@ -36,15 +34,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def build_optimizer(cfg: ExperimentConfig, net: TwoColumnNet, extra_groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW or SGD (nesterov) over the net's groups (each mechanism's own lr) plus ``extra_groups``."""
-    t = cfg.train
-    groups = net.param_groups(t.lr, t.weight_decay) + extra_groups
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay, foreach=True)
 
 
 @dataclass
@@ -87,15 +76,10 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
-        self.precision = Precision(cfg.train.precision, self.device)
         seed_everything(cfg.seed)  # same initial weights on every rank
-        self.net = TwoColumnNet(cfg=cfg).to(self.device)
-        self.weighting = build_weighting(cfg.weighting, MODALITIES).to(self.device)
-        self.optimizer = build_optimizer(cfg, self.net, self.weighting.param_groups())
-        steps, power = cfg.train.steps, cfg.train.poly_power
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(0.0, 1.0 - s / steps) ** power)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
-        self.probe = GradientProbe(self.net.depth_parameters(cfg.weighting.depth), self.dist) if self.weighting.needs_grad_norms else None
+        self.parts = build_training_parts(cfg, self.device, self.dist)
+        self.net, self.weighting, self.optimizer = self.parts.net, self.parts.weighting, self.parts.optimizer
+        self.scheduler, self.precision = self.parts.scheduler, self.parts.precision
         self.stream = build_training_stream(cfg, plan, split, data_dir=self.data_dir, rank=self.dist.rank, world_size=self.dist.world_size,
                                             device=augment_device(cfg) and self.device if self.device.type == "cuda" else None)
         self.step = 0
@@ -194,25 +178,19 @@ class Trainer:
         last: StepResult | None = None
         while self.step < t.steps:
             batch = next(self.stream)
-            last = train_step(
-                net=self.net, batch=batch, loss_fn=self.loss_fn, weighting=self.weighting, optimizer=self.optimizer,
-                precision=self.precision, grad_clip=t.grad_clip, probe=self.probe, device=self.device, dist_ctx=self.dist,
-            )
+            last = self.parts.step(batch)
             self.skipped += 0 if last.applied else 1
             self.scheduler.step()
             self.step += 1
-            metrics = self._step_metrics(last)
             if self.step % t.log_every == 0 or self.step == t.steps:
-                # the in-memory history (for end-of-run plots) keeps the logged steps only, so it stays
-                # small on runs of hundreds of thousands of steps
+                # metrics are built on logging steps only (reading mixing coefficients and weights costs
+                # device syncs); the in-memory history (for end-of-run plots) keeps these steps only
+                metrics = self._step_metrics(last)
                 self.history.append({"step": float(self.step), **metrics})
                 self._log(metrics, self.step)
-            else:
-                # every step's task weights and weighting internals reach the tracker (buffered, sent in batches)
-                self._log({k: metrics[k] for k in self.weighting.log_values()}, self.step)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("loss/")})
+                bar.set_postfix({t_: f"{v:.3f}" for t_, v in last.losses.items()})
             if self.step % t.val_every == 0 or self.step == t.steps:
                 ev = self.validate()
                 self._log(ev.metrics(prefix="val/"), self.step)

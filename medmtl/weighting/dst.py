@@ -35,8 +35,7 @@ class DroppedScheduledTask(LossWeighting):
     """Drop a task for a step with a probability growing with its progress and stagnancy."""
 
     def __init__(self, *, cfg: DSTConfig, tasks: tuple[str, ...]) -> None:
-        super().__init__(tasks=tasks)
-        self.cfg = cfg
+        super().__init__(cfg=cfg, tasks=tasks)
         n = len(tasks)
         self.register_buffer("initial_loss", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("smoothed_loss", torch.zeros(n, dtype=torch.float64))

@@ -25,8 +25,7 @@ class DynamicWeightAverage(LossWeighting):
     """Weights from the ratio of the last two epoch-mean losses, softmax with temperature."""
 
     def __init__(self, *, cfg: DWAConfig, tasks: tuple[str, ...]) -> None:
-        super().__init__(tasks=tasks)
-        self.cfg = cfg
+        super().__init__(cfg=cfg, tasks=tasks)
         n = len(tasks)
         # float64 sums: a mean over hundreds of steps should not drift with the summation order
         self.register_buffer("epoch_loss_sum", torch.zeros(n, dtype=torch.float64))

@@ -12,5 +12,4 @@ class EqualWeighting(LossWeighting):
     """All weights 1, never updated."""
 
     def __init__(self, *, cfg: EqualWeightingConfig, tasks: tuple[str, ...]) -> None:
-        super().__init__(tasks=tasks)
-        self.cfg = cfg
+        super().__init__(cfg=cfg, tasks=tasks)

@@ -25,11 +25,8 @@ __all__ = ["GradNorm"]
 class GradNorm(LossWeighting):
     """Task weights trained to equalize gradient norms relative to training rates."""
 
-    needs_grad_norms = True
-
     def __init__(self, *, cfg: GradNormConfig, tasks: tuple[str, ...]) -> None:
-        super().__init__(tasks=tasks)
-        self.cfg = cfg
+        super().__init__(cfg=cfg, tasks=tasks)
         self.w = torch.nn.Parameter(torch.ones(len(tasks)), requires_grad=True)
         self.register_buffer("initial_loss_sum", torch.zeros(len(tasks), dtype=torch.float64))
         self.register_buffer("initial_loss_count", torch.zeros((), dtype=torch.long))

@@ -27,8 +27,7 @@ class UncertaintyWeighting(LossWeighting):
     """Learned log-variances ``s_i``: term ``exp(-s_i) L_i + s_i``, weight ``exp(-s_i)``."""
 
     def __init__(self, *, cfg: UncertaintyWeightingConfig, tasks: tuple[str, ...]) -> None:
-        super().__init__(tasks=tasks)
-        self.cfg = cfg
+        super().__init__(cfg=cfg, tasks=tasks)
         self.log_variance = torch.nn.Parameter(torch.full((len(tasks),), float(cfg.init_log_variance)))
         with torch.no_grad():
             self.weights.copy_(torch.exp(-self.log_variance))
