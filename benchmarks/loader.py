@@ -5,8 +5,9 @@ ingested in a temporary folder, planned, and split like the demo (``configs/demo
 patches, 2 CT + 2 MR per step, MONAI 3D augmentation on). Then, round by round (interleaved, so a
 busy moment of a shared machine hits every variant alike), medians over rounds of:
 
-- ``demo_step``: steps/s of the real :func:`medmtl.training.step.train_step` on the demo model (fp32,
-  CPU), on one batch taken from the loader (so the loader does not slow it down).
+- ``demo_step``: steps/s of the real :func:`medmtl.training.step.train_step` on the demo model, built by
+  :func:`medmtl.training.parts.build_training_parts` as training builds it (the demo's precision,
+  weighting with its probe, loss; CPU), on one batch taken from the loader (so the loader does not slow it down).
 - ``loader``: steps/s of the unpaired stream (one step = one CT batch + one MR batch) with 0, 1 and 2
   worker processes per modality; ``cold`` = a fresh stream, cache fill and worker start included,
   for the first ``--batches`` steps; ``warm`` = the next ``--batches`` steps served from the cache;
@@ -38,7 +39,6 @@ import time
 from pathlib import Path
 
 import torch
-from monai.losses import DiceCELoss
 from monai.transforms import (
     Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised, RandGridDistortiond, RandScaleIntensityd,
 )
@@ -49,10 +49,7 @@ from medmtl.ingest.run import ingest
 from medmtl.data.loaders import build_training_stream, load_split
 from medmtl.data.plan import compute_plan
 from medmtl.synth import synthesize_exports
-from medmtl.models.two_column import MODALITIES, TwoColumnNet
-from medmtl.training.precision import Precision
-from medmtl.training.step import train_step
-from medmtl.weighting import build_weighting
+from medmtl.training.parts import build_training_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,17 +63,11 @@ def demo_step_time(cfg, batch: dict, steps: int) -> float:
     """Median seconds of one demo training step on ``batch``."""
     torch.manual_seed(cfg.seed)
     device = torch.device("cpu")
-    net = TwoColumnNet(cfg=cfg).to(device)
-    weighting = build_weighting(cfg.weighting, MODALITIES).to(device)
-    groups = net.param_groups(cfg.train.lr, cfg.train.weight_decay) + weighting.param_groups()
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=True)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
-    precision = Precision("fp32", device)
+    parts = build_training_parts(cfg, device)
     times = []
     for i in range(steps + 1):
         t = time.perf_counter()
-        train_step(net=net, batch=batch, loss_fn=loss_fn, weighting=weighting, optimizer=optimizer, precision=precision,
-                   grad_clip=cfg.train.grad_clip, device=device)
+        parts.step(batch)
         if i:  # the first step pays for allocations
             times.append(time.perf_counter() - t)
     return statistics.median(times)

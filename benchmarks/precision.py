@@ -1,5 +1,8 @@
 """Step time per precision mode as a ratio to fp32, on the demo model and patch size.
 
+The step is the trainer's, built by :func:`medmtl.training.parts.build_training_parts` from the config
+(its weighting, probe, loss and optimizer), with only ``train.precision`` varied.
+
 Prints one JSON line per mode: ``{"bench": "precision", "mode": ..., "device": ..., "ratio_to_fp32": ...}``
 with the median over interleaved repeats (modes alternate inside each repeat, so machine noise hits all
 modes alike). Runs fp32 and bf16 on CPU; fp32, bf16 and fp16 (with a GradScaler) on a GPU when present.
@@ -15,13 +18,10 @@ import statistics
 import time
 
 import torch
-from monai.losses import DiceCELoss
 
 from medmtl.config import load_config
-from medmtl.models.two_column import TwoColumnNet
-from medmtl.training.precision import Precision
-from medmtl.training.step import GradientProbe, train_step
-from medmtl.weighting import build_weighting
+from medmtl.modality import MODALITIES
+from medmtl.training.parts import build_training_parts
 
 
 def main() -> None:
@@ -37,25 +37,19 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     batch = {m: {"image": torch.randn(cfg.train.batch_size[m], 1, *patch, generator=g),
                  "label": torch.randint(0, 1 + len(cfg.data.labels[m]), (cfg.train.batch_size[m], 1, *patch), generator=g)}
-             for m in ("ct", "mr")}
+             for m in MODALITIES}
     setups = {}
     for mode in modes:
         torch.manual_seed(0)
-        net = TwoColumnNet(cfg=cfg).to(device)
-        weighting = build_weighting(cfg.weighting, ("ct", "mr")).to(device)
-        opt = torch.optim.AdamW(net.param_groups(cfg.train.lr, cfg.train.weight_decay))
-        probe = GradientProbe(net.depth_parameters(cfg.weighting.depth)) if weighting.needs_grad_norms else None
-        setups[mode] = (net, weighting, opt, Precision(mode, device), probe)
-    loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+        setups[mode] = build_training_parts(cfg, device, precision=mode)
 
     def run(mode: str, n: int) -> float:
-        net, weighting, opt, prec, probe = setups[mode]
+        parts = setups[mode]
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(n):
-            train_step(net=net, batch=batch, loss_fn=loss, weighting=weighting, optimizer=opt, precision=prec,
-                       grad_clip=cfg.train.grad_clip, probe=probe, device=device)
+            parts.step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / n

@@ -1,8 +1,9 @@
 """Training-step time of each sharing mechanism as a ratio to the single-task baseline (JSON lines).
 
-A step is what the trainer does per iteration, without the weighting and precision machinery:
-zero the gradients, for CT then MR forward the batch through the net, DiceCE loss, backward, then
-backward the sharing penalties and take an AdamW step. Every mechanism runs on the same random batch
+A step is what the trainer does per iteration: the real :func:`medmtl.training.step.train_step` on parts
+built by :func:`medmtl.training.parts.build_training_parts` (the demo's weighting with its probe, its
+loss section, precision and optimizer), for CT then MR forward and backward, the sharing penalties,
+clipping and the optimizer step. Every mechanism runs on the same random batch
 of the demo's size (``configs/demo.yaml``: 2 CT + 2 MR patches of 64x64x32, channels 8-16-32-64, one
 residual unit) with the ``sharing`` section of the shipped config that names it. Mechanisms are
 interleaved round by round, and each ratio is the median over rounds of (mechanism step time /
@@ -31,10 +32,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from monai.losses import DiceCELoss
 
 from medmtl.config import validate_config
-from medmtl.models.two_column import MODALITIES, TwoColumnNet
+from medmtl.modality import MODALITIES
+from medmtl.training.parts import TrainingParts, build_training_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,26 +54,12 @@ MECHANISMS: dict[str, str | list] = {
 }
 
 
-def build(sharing: str | list, device: torch.device) -> tuple[TwoColumnNet, torch.optim.Optimizer]:
-    """The demo model with the given sharing section, and its AdamW optimizer over the net's groups."""
+def build(sharing: str | list, device: torch.device) -> TrainingParts:
+    """The demo's training parts with the given sharing section (a config name in configs/ or a section)."""
     raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     raw["sharing"] = yaml.safe_load((ROOT / "configs" / f"{sharing}.yaml").read_text())["sharing"] if isinstance(sharing, str) else sharing
     cfg = validate_config(raw, "benchmarks/sharing.py")
-    net = TwoColumnNet(cfg=cfg).to(device)
-    opt = torch.optim.AdamW(net.param_groups(cfg.train.lr, cfg.train.weight_decay), lr=cfg.train.lr, foreach=True)
-    return net, opt
-
-
-def step(net: TwoColumnNet, opt: torch.optim.Optimizer, batch: dict, loss_fn) -> None:
-    """Forward + backward per modality, penalties backward, optimizer step."""
-    opt.zero_grad(set_to_none=True)
-    for m in MODALITIES:
-        x, y = batch[m]
-        loss_fn(net(x, m), y).backward()
-    pens = net.penalties()
-    if pens:
-        torch.stack(list(pens.values())).sum().backward()
-    opt.step()
+    return build_training_parts(cfg, device)
 
 
 def penalty_seconds(net: TwoColumnNet, repeats: int) -> float:
@@ -97,16 +84,16 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
-    batch = {m: (torch.randn(2, 1, 64, 64, 32, generator=g), torch.randint(0, 5, (2, 1, 64, 64, 32), generator=g)) for m in MODALITIES}
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    batch = {m: {"image": torch.randn(2, 1, 64, 64, 32, generator=g), "label": torch.randint(0, 5, (2, 1, 64, 64, 32), generator=g)}
+             for m in MODALITIES}
     built = {name: build(sharing, device) for name, sharing in MECHANISMS.items()}
 
     times: dict[str, list[float]] = {name: [] for name in built}
     walls: dict[str, list[float]] = {name: [] for name in built}
     for r in range(args.rounds + 1):
-        for name, (net, opt) in built.items():
+        for name, parts in built.items():
             t0, w0 = time.process_time(), time.perf_counter()
-            step(net, opt, batch, loss_fn)
+            parts.step(batch)
             if r > 0:  # round 0 warms up allocators, kernels and the optimizer state
                 times[name].append(time.process_time() - t0)
                 walls[name].append(time.perf_counter() - w0)
@@ -114,7 +101,8 @@ def main() -> None:
     def ratio(t: dict[str, list[float]], name: str) -> float:
         return round(statistics.median(a / b for a, b in zip(t[name], t["single_task"])), 3)
 
-    for name, (net, _) in built.items():
+    for name, parts in built.items():
+        net = parts.net
         print(json.dumps({
             "bench": "sharing_step", "mechanism": name, "ratio_to_single_task": ratio(times, name),
             "wall_ratio_to_single_task": ratio(walls, name),
@@ -123,7 +111,8 @@ def main() -> None:
             "note": "dual path: each batch runs through both columns, ~2x the columns' forward and backward "
                     "(loss, heads and optimizer step are not doubled)" if net.dual_path else "",
         }))
-    for name, (net, _) in built.items():
+    for name, parts in built.items():
+        net = parts.net
         if net.penalties():
             sec = penalty_seconds(net, args.penalty_repeats)
             frac = sec / statistics.median(times[name])

@@ -196,7 +196,9 @@ def bench_predict(work: Path) -> None:
     from medmtl.config import config_to_yaml, load_config
     from medmtl.data.plan import compute_plan
     from medmtl.synth import synthesize_exports
-    from medmtl.models.two_column import TwoColumnNet
+    import torch
+
+    from medmtl.training.parts import build_training_parts
     from medmtl.inference.pyfunc_model import log_segmentation_model
     from medmtl.tracking.store import ensure_experiment
 
@@ -211,7 +213,7 @@ def bench_predict(work: Path) -> None:
 
     run_id = MlflowClient(tracking_uri=uri).create_run(exp).info.run_id
     names = list(dict.fromkeys(list(cfg.data.labels["ct"].values()) + list(cfg.data.labels["mr"].values())))
-    model_uri = log_segmentation_model(run_id=run_id, tracking_uri=uri, net=TwoColumnNet(cfg=cfg), cfg_yaml=config_to_yaml(cfg),
+    model_uri = log_segmentation_model(run_id=run_id, tracking_uri=uri, net=build_training_parts(cfg, torch.device("cpu")).net, cfg_yaml=config_to_yaml(cfg),
                                        plan=plan.to_dict(), class_names=names)
     manifest = pd.read_json(data_dir / "manifest.jsonl", lines=True)
     ct = manifest[manifest.modality == "CT"].iloc[0]

@@ -29,39 +29,35 @@ from pathlib import Path
 
 import torch
 import yaml
-from monai.losses import DiceCELoss
 
 from medmtl.config import validate_config
-from medmtl.models.two_column import MODALITIES, TwoColumnNet
-from medmtl.training.precision import Precision
-from medmtl.training.step import GradientProbe, train_step
-from medmtl.weighting import METHODS, build_weighting
+from medmtl.modality import MODALITIES
+from medmtl.training.parts import build_training_parts
+from medmtl.weighting import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class Setup:
-    """One method's net, weighting, optimizer and probe, all from the demo config."""
+    """One method's training parts (net, weighting, optimizer, loss, probe, per-task gradients), built from the
+    demo config by :func:`medmtl.training.parts.build_training_parts`, exactly as the trainer builds them."""
 
-    def __init__(self, method: str, device: torch.device) -> None:
+    def __init__(self, method: str, device: torch.device, sharing: list | None = None) -> None:
         raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
         raw["weighting"] = {"method": method}
+        raw["train"] = {**raw.get("train", {}), "precision": "fp32"}
+        if sharing is not None:
+            raw["sharing"] = sharing
         self.cfg = cfg = validate_config(raw, "benchmarks/weighting.py")
         torch.manual_seed(cfg.seed)  # the same initial net for every method
-        self.net = TwoColumnNet(cfg=cfg).to(device)
-        self.weighting = build_weighting(cfg.weighting, MODALITIES).to(device)
-        groups = self.net.param_groups(cfg.train.lr, cfg.train.weight_decay) + self.weighting.param_groups()
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=True)
-        depth = getattr(cfg.weighting, "depth", None)
-        self.probe = GradientProbe(self.net.depth_parameters(depth)) if self.weighting.needs_grad_norms else None
-        self.precision = Precision("fp32", device)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
-        self.device = device
+        self.parts = build_training_parts(cfg, device)
         self.forwards = 0
-        # seconds spent inside the weighting machinery (hooks and probe reads), summed since the last reset
+        # seconds spent inside the weighting machinery (hooks, probe reads, per-task gradient copies),
+        # summed since the last reset
         self.overhead = 0.0
-        for owner, name in ((self.weighting, "select_tasks"), (self.weighting, "task_terms"),
-                            (self.weighting, "after_step"), (self.probe, "read")):
+        w, probe, grads = self.parts.weighting, self.parts.probe, self.parts.task_gradients
+        for owner, name in ((w, "select_tasks"), (w, "task_terms"), (w, "adjust_gradients"), (w, "after_step"),
+                            (probe, "read"), (grads, "record"), (grads, "collect"), (grads, "write")):
             if owner is not None:
                 object.__setattr__(owner, name, self._timed(getattr(owner, name)))
 
@@ -75,8 +71,8 @@ class Setup:
         return wrapper
 
     def step(self, batch: dict) -> None:
-        res = train_step(net=self.net, batch=batch, loss_fn=self.loss_fn, weighting=self.weighting, optimizer=self.optimizer,
-                         precision=self.precision, grad_clip=self.cfg.train.grad_clip, probe=self.probe, device=self.device)
+        """One training step (the schedule is not advanced: every round sees the same learning rate)."""
+        res = self.parts.step(batch)
         self.forwards += len(res.losses)
 
 
@@ -100,10 +96,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per method per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per method before the first round")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sharing", default=None, help="use the sharing section of configs/NAME.yaml (e.g. baseline_hard) instead of the demo's")
     args = ap.parse_args()
     device = torch.device(args.device)
+    sharing = None
+    if args.sharing is not None:
+        sharing = yaml.safe_load((ROOT / "configs" / f"{args.sharing}.yaml").read_text())["sharing"]
     methods = ["equal"] + sorted(m for m in METHODS if m != "equal")
-    setups = {m: Setup(m, device) for m in methods}
+    setups = {m: Setup(m, device, sharing) for m in methods}
     batches = random_batches(setups["equal"].cfg, 4, device)
 
     def sync() -> None:
@@ -136,7 +136,7 @@ def main() -> None:
             "median_step_s": round(statistics.median(times[m]), 4), "rounds": args.rounds, "steps_per_round": args.steps,
             "weighting_overhead_fraction": round(statistics.median(overhead[m]), 5),
             "forwarded_fraction": round(setups[m].forwards / (2 * args.rounds * args.steps), 3),
-            "device": device.type, "threads": torch.get_num_threads(),
+            "sharing": args.sharing or "demo", "device": device.type, "threads": torch.get_num_threads(),
         }
         print(json.dumps(line), flush=True)
 
