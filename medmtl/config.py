@@ -47,18 +47,42 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where the ingested dataset lives and how it is split and fed to training."""
 
-    root: str = Field("demo_data/data", description="DATA_DIR written by `medmtl ingest` (holds manifest.jsonl); relative paths are taken from the working directory")
-    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of each modality's labelled cases held out for validation (model selection: best.pt)")
-    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of each modality's labelled cases held out as a test set, never used for training or selection; 0 = the final scores are reported on the validation cases")
-    cache: Literal["memory", "none"] = Field("memory", description="cache the deterministic part of the transform chain in memory (CacheDataset) or not at all")
+    root: str = Field(
+        "demo_data/data",
+        description=(
+            "DATA_DIR written by `medmtl ingest` (holds manifest.jsonl); relative paths are taken from the working directory"
+        ),
+    )
+    val_fraction: float = Field(
+        0.25, gt=0.0, lt=1.0,
+        description="fraction of each modality's labelled cases held out for validation (model selection: best.pt)",
+    )
+    test_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description=(
+            "fraction of each modality's labelled cases held out as a test set, never used for training or selection; 0 = the "
+            "final scores are reported on the validation cases"
+        ),
+    )
+    cache: Literal["memory", "none"] = Field(
+        "memory",
+        description="cache the deterministic part of the transform chain in memory (CacheDataset) or not at all",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per modality")
-    augment_on_device: bool = Field(True, description="on CUDA, move the cached tensors to the GPU (ToDeviced after the cached part) so patch sampling and augmentation run there; the loader then runs in threads, without worker processes")
+    augment_on_device: bool = Field(
+        True,
+        description=(
+            "on CUDA, move the cached tensors to the GPU (ToDeviced after the cached part) so patch sampling and augmentation "
+            "run there; the loader then runs in threads, without worker processes"
+        ),
+    )
     labels: dict[Modality, dict[int, str]] = Field(
         default_factory=lambda: {
             "ct": {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right"},
             "mr": {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right"},
         },
-        description="per modality: label value in the masks -> class name; 0 is background; each head predicts its own modality's classes",
+        description=("per modality: label value in the masks -> class name; 0 is background; "
+                     "each head predicts its own modality's classes"),
     )
 
     @field_validator("labels")
@@ -86,16 +110,25 @@ class AlbumentationsConfig(_Strict):
     translate: float = Field(0.05, ge=0.0, le=0.5, description="in-plane shift range +- as a fraction of the slice size")
     grid_distortion_p: float = Field(0.2, ge=0.0, le=1.0, description="probability of a grid distortion")
     grid_distort_limit: float = Field(0.2, ge=0.0, le=1.0, description="grid distortion strength (albumentations distort_limit)")
-    elastic_p: float = Field(0.0, ge=0.0, le=1.0, description="probability of an elastic deformation (slowest of the geometric ones)")
+    elastic_p: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="probability of an elastic deformation (slowest of the geometric ones)",
+    )
     elastic_alpha: float = Field(20.0, ge=0.0, description="elastic displacement scale in pixels")
     elastic_sigma: float = Field(5.0, gt=0.0, description="elastic displacement smoothness (Gaussian sigma in pixels)")
     brightness_contrast_p: float = Field(0.3, ge=0.0, le=1.0, description="probability of a brightness and contrast change")
-    brightness_limit: float = Field(0.1, ge=0.0, le=1.0, description="brightness shift range +- (fraction of the patch's intensity range)")
+    brightness_limit: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="brightness shift range +- (fraction of the patch's intensity range)",
+    )
     contrast_limit: float = Field(0.1, ge=0.0, le=1.0, description="contrast factor range 1 +- this")
     gamma_p: float = Field(0.3, ge=0.0, le=1.0, description="probability of a gamma change")
     gamma_limit: tuple[float, float] = Field((80.0, 120.0), description="gamma range in percent (100 = identity)")
     noise_p: float = Field(0.15, ge=0.0, le=1.0, description="probability of Gaussian noise (independent per voxel)")
-    noise_std: tuple[float, float] = Field((0.01, 0.05), description="noise standard deviation range (fraction of the patch's intensity range)")
+    noise_std: tuple[float, float] = Field(
+        (0.01, 0.05),
+        description="noise standard deviation range (fraction of the patch's intensity range)",
+    )
 
 
 class PreprocessConfig(_Strict):
@@ -105,15 +138,45 @@ class PreprocessConfig(_Strict):
         default_factory=lambda: {"ct": None, "mr": None},
         description="per modality resampling spacing in mm (RAS order); null = planned from the data",
     )
-    ct_window: tuple[float, float] | None = Field(None, description="CT clip window in HU; null = planned (0.5 and 99.5 foreground percentiles)")
-    patch_size: tuple[int, int, int] | None = Field((64, 64, 32), description="training and sliding-window patch size in voxels (RAS order), for both modalities; null = planned per modality from memory_budget_mb")
-    memory_budget_mb: float = Field(8192.0, gt=0.0, description="accelerator memory for the activations of one modality's training batch (estimate: saved activations per voxel of the model x patch voxels x batch x paths); sets the planned patch and batch size")
-    min_batch_size: int = Field(2, ge=1, description="smallest planned batch per modality (nnU-Net: 2); the patch shrinks until it fits the budget")
-    max_batch_fraction: float = Field(0.05, gt=0.0, le=1.0, description="planned batch covers at most this fraction of a modality's voxels (nnU-Net: 5%, against overfitting)")
-    fg_samples_per_image: int = Field(100_000, ge=100, description="CT foreground voxels sampled per image for the intensity percentiles (all of them when fewer)")
-    pos_fraction: float = Field(0.67, ge=0.0, le=1.0, description="fraction of patches centred on a foreground class (spread evenly over classes)")
+    ct_window: tuple[float, float] | None = Field(
+        None,
+        description="CT clip window in HU; null = planned (0.5 and 99.5 foreground percentiles)",
+    )
+    patch_size: tuple[int, int, int] | None = Field(
+        (64, 64, 32),
+        description=(
+            "training and sliding-window patch size in voxels (RAS order), for both modalities; null = planned per modality "
+            "from memory_budget_mb"
+        ),
+    )
+    memory_budget_mb: float = Field(
+        8192.0, gt=0.0,
+        description=(
+            "accelerator memory for the activations of one modality's training batch (estimate: saved activations per voxel of "
+            "the model x patch voxels x batch x paths); sets the planned patch and batch size"
+        ),
+    )
+    min_batch_size: int = Field(
+        2, ge=1,
+        description="smallest planned batch per modality (nnU-Net: 2); the patch shrinks until it fits the budget",
+    )
+    max_batch_fraction: float = Field(
+        0.05, gt=0.0, le=1.0,
+        description="planned batch covers at most this fraction of a modality's voxels (nnU-Net: 5%, against overfitting)",
+    )
+    fg_samples_per_image: int = Field(
+        100_000, ge=100,
+        description="CT foreground voxels sampled per image for the intensity percentiles (all of them when fewer)",
+    )
+    pos_fraction: float = Field(
+        0.67, ge=0.0, le=1.0,
+        description="fraction of patches centred on a foreground class (spread evenly over classes)",
+    )
     augment: bool = Field(True, description="random 3D affine and intensity augmentation on training patches")
-    albumentations: AlbumentationsConfig = Field(default_factory=AlbumentationsConfig, description="slice-consistent in-plane augmentation with albumentations")
+    albumentations: AlbumentationsConfig = Field(
+        default_factory=AlbumentationsConfig,
+        description="slice-consistent in-plane augmentation with albumentations",
+    )
 
     @field_validator("patch_size")
     @classmethod
@@ -127,12 +190,21 @@ class PreprocessConfig(_Strict):
 class ModelConfig(_Strict):
     """One column: a 3D encoder-decoder built from MONAI blocks with stages addressable by name."""
 
-    channels: tuple[int, ...] = Field((8, 16, 32, 64), min_length=2, description="feature channels per resolution level; the last is the bottleneck")
+    channels: tuple[int, ...] = Field(
+        (8, 16, 32, 64), min_length=2,
+        description="feature channels per resolution level; the last is the bottleneck",
+    )
     num_res_units: int = Field(1, ge=0, description="residual units per stage (0 = plain convolutions)")
     norm: Literal["instance", "batch", "group"] = Field("instance", description="normalization layer of every stage")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability inside the stages")
     in_channels: int = Field(1, ge=1, description="image channels per modality")
-    deep_supervision_depths: list[str] = Field(default_factory=list, description="decoder depths (dec1, dec2, ...) that get an auxiliary head per modality; loss weights halve per level as in nnU-Net, normalized to sum 1; empty = no deep supervision")
+    deep_supervision_depths: list[str] = Field(
+        default_factory=list,
+        description=(
+            "decoder depths (dec1, dec2, ...) that get an auxiliary head per modality; loss weights halve per level as in "
+            "nnU-Net, normalized to sum 1; empty = no deep supervision"
+        ),
+    )
 
     @property
     def depth_names(self) -> list[str]:
@@ -205,7 +277,10 @@ class SoftSharingConfig(_SharingBase):
 
     kind: Literal["soft"] = "soft"
     depths: dict[str, float] = Field(..., description="depth name -> penalty weight lambda_d")
-    exclude_norm_and_bias: bool = Field(True, description="leave normalization layers and biases modality-specific (not penalized)")
+    exclude_norm_and_bias: bool = Field(
+        True,
+        description="leave normalization layers and biases modality-specific (not penalized)",
+    )
 
     @field_validator("depths")
     @classmethod
@@ -229,7 +304,10 @@ class CrossStitchConfig(_SharingBase):
     kind: Literal["cross_stitch"] = "cross_stitch"
     depths: list[str] = Field(..., min_length=1, description="depth names after which the columns' activations are mixed")
     per_channel: bool = Field(True, description="one 2x2 matrix per channel (True) or one per depth (False)")
-    init: tuple[tuple[float, float], tuple[float, float]] = Field(((0.9, 0.1), (0.1, 0.9)), description="initial mixing matrix [[ct<-ct, ct<-mr], [mr<-ct, mr<-mr]]")
+    init: tuple[tuple[float, float], tuple[float, float]] = Field(
+        ((0.9, 0.1), (0.1, 0.9)),
+        description="initial mixing matrix [[ct<-ct, ct<-mr], [mr<-ct, mr<-mr]]",
+    )
     lr_multiplier: float = Field(10.0, gt=0.0, description="learning rate of the mixing coefficients relative to the network's")
 
     @property
@@ -248,12 +326,39 @@ class SluiceConfig(_SharingBase):
 
     kind: Literal["sluice"] = "sluice"
     depths: list[str] = Field(..., min_length=1, description="depth names after which alpha mixes all subspaces of both columns")
-    num_subspaces: int = Field(2, ge=1, description="M: subspaces each column's channels are split into at every chosen depth (must divide those channels)")
-    init: tuple[tuple[float, float], tuple[float, float]] = Field(((0.9, 0.1), (0.1, 0.9)), description="initial column mixing [[ct<-ct, ct<-mr], [mr<-ct, mr<-mr]]; alpha starts as kron(init, I_M): subspace m mixes only with subspace m")
-    beta_depths: dict[str, float] = Field(default_factory=lambda: {"enc0": 0.1, "dec0": 0.9}, description="depth -> initial beta weight of its output in each column's mix before the head; only layers of the head's input shape (channels[0] at full resolution: enc0, dec0)")
-    beta_mode: Literal["plain", "softmax"] = Field("plain", description="plain learned beta weights (as the authors' code) or a softmax over learned logits (positive, summing to 1)")
-    orthogonality_weight: float = Field(1e-3, ge=0.0, description="weight of sum_(i<j) ||G_i^T G_j||_F^2 between a column's subspaces (filters of the convolutions writing them), per depth; no term with one subspace")
-    lr_multiplier: float = Field(10.0, gt=0.0, description="learning rate of alpha and beta relative to the network's (no weight decay)")
+    num_subspaces: int = Field(
+        2, ge=1,
+        description="M: subspaces each column's channels are split into at every chosen depth (must divide those channels)",
+    )
+    init: tuple[tuple[float, float], tuple[float, float]] = Field(
+        ((0.9, 0.1), (0.1, 0.9)),
+        description=(
+            "initial column mixing [[ct<-ct, ct<-mr], [mr<-ct, mr<-mr]]; alpha starts as kron(init, I_M): subspace m mixes "
+            "only with subspace m"
+        ),
+    )
+    beta_depths: dict[str, float] = Field(
+        default_factory=lambda: {"enc0": 0.1, "dec0": 0.9},
+        description=(
+            "depth -> initial beta weight of its output in each column's mix before the head; only layers of the head's input "
+            "shape (channels[0] at full resolution: enc0, dec0)"
+        ),
+    )
+    beta_mode: Literal["plain", "softmax"] = Field(
+        "plain",
+        description="plain learned beta weights (as the authors' code) or a softmax over learned logits (positive, summing to 1)",
+    )
+    orthogonality_weight: float = Field(
+        1e-3, ge=0.0,
+        description=(
+            "weight of sum_(i<j) ||G_i^T G_j||_F^2 between a column's subspaces (filters of the convolutions writing them), "
+            "per depth; no term with one subspace"
+        ),
+    )
+    lr_multiplier: float = Field(
+        10.0, gt=0.0,
+        description="learning rate of alpha and beta relative to the network's (no weight decay)",
+    )
 
     @property
     def mixes_activations(self) -> bool:
@@ -273,7 +378,8 @@ class SluiceConfig(_SharingBase):
         """Subspaces divide the channels; beta layers have the head's input shape; softmax inits are positive."""
         for d in self.depths:
             if shapes[d][0] % self.num_subspaces:
-                raise ValueError(f"sharing.{index}.num_subspaces: {self.num_subspaces} subspaces do not divide the {shapes[d][0]} channels of depth {d!r}")
+                raise ValueError(f"sharing.{index}.num_subspaces: {self.num_subspaces} subspaces do not divide "
+                                 f"the {shapes[d][0]} channels of depth {d!r}")
         head = shapes[model.depth_names[-1]]
         same = [n for n, s in shapes.items() if s == head]
         if not self.beta_depths:
@@ -282,17 +388,22 @@ class SluiceConfig(_SharingBase):
             # Layers of other resolutions would need resampling and a channel projection the paper
             # does not have; refuse them here instead of failing in the first forward pass.
             if shapes[d] != head:
-                raise ValueError(f"sharing.{index}.beta_depths: depth {d!r} outputs {shapes[d][0]} channels at 1/{head[1] // shapes[d][1]} "
-                                 f"resolution but the heads read {head[0]} channels at full resolution; beta mixes only layers of the head's shape ({', '.join(same)})")
+                raise ValueError(f"sharing.{index}.beta_depths: depth {d!r} outputs {shapes[d][0]} channels at "
+                                 f"1/{head[1] // shapes[d][1]} resolution but the heads read {head[0]} channels at full "
+                                 f"resolution; beta mixes only layers of the head's shape ({', '.join(same)})")
             if self.beta_mode == "softmax" and self.beta_depths[d] <= 0:
-                raise ValueError(f"sharing.{index}.beta_depths: with beta_mode softmax every initial weight must be > 0 (got {self.beta_depths[d]} for {d!r})")
+                raise ValueError(f"sharing.{index}.beta_depths: with beta_mode softmax every initial weight must be > 0 "
+                                 f"(got {self.beta_depths[d]} for {d!r})")
 
 
 class HardSharingConfig(_SharingBase):
     """Hard sharing: the chosen stages are one module used by both columns (baseline)."""
 
     kind: Literal["hard"] = "hard"
-    depths: list[str] | Literal["all"] = Field("all", description="depth names whose stages are shared, or 'all' (one column, one head per modality)")
+    depths: list[str] | Literal["all"] = Field(
+        "all",
+        description="depth names whose stages are shared, or 'all' (one column, one head per modality)",
+    )
 
     @property
     def ties_parameters(self) -> bool:
@@ -342,7 +453,8 @@ class _WeightingBase(_Strict):
         """
         names = experiment.model.depth_names
         if self.probe_depth is not None and self.probe_depth not in names:
-            raise ValueError(f"weighting.depth: unknown depth {self.probe_depth!r}; {DEPTH_NAMES_HELP} (here: {', '.join(names)})")
+            raise ValueError(f"weighting.depth: unknown depth {self.probe_depth!r}; {DEPTH_NAMES_HELP} "
+                             f"(here: {', '.join(names)})")
         if self.gradient_parameters == "shared" and not experiment.shared_depths:
             method = getattr(self, "method")
             raise ValueError(
@@ -365,7 +477,10 @@ class GradNormConfig(_WeightingBase):
     alpha: float = Field(1.5, ge=0.0, description="asymmetry: how strongly slow tasks are pulled up")
     lr: float = Field(0.025, gt=0.0, description="learning rate of the task weights' own optimizer (Adam)")
     depth: str = Field("bottleneck", description="depth whose parameters (in both columns) are W")
-    initial_loss_steps: int = Field(1, ge=1, description="L_i(0) is the mean loss of the first N steps (1 = first step, as published)")
+    initial_loss_steps: int = Field(
+        1, ge=1,
+        description="L_i(0) is the mean loss of the first N steps (1 = first step, as published)",
+    )
 
     @property
     def probe_depth(self) -> str:
@@ -378,26 +493,50 @@ class UncertaintyWeightingConfig(_WeightingBase):
 
     method: Literal["uncertainty"] = "uncertainty"
     init_log_variance: float = Field(0.0, description="initial s_i = log sigma_i^2 of every task (0 = weight 1)")
-    lr: float | None = Field(None, gt=0.0, description="learning rate of the s_i in the network optimizer (no weight decay); null = train.lr")
+    lr: float | None = Field(
+        None, gt=0.0,
+        description="learning rate of the s_i in the network optimizer (no weight decay); null = train.lr",
+    )
 
 
 class DWAConfig(_WeightingBase):
     """Dynamic Weight Average (Liu et al. 2019) from epoch-mean losses; an epoch is a fixed number of steps."""
 
     method: Literal["dwa"] = "dwa"
-    temperature: float = Field(2.0, gt=0.0, description="softmax temperature T (2 as published; larger = closer to equal weights)")
-    steps_per_epoch: int = Field(50, ge=1, description="applied steps that make one DWA epoch (training is iteration based); weights are 1 for the first two epochs")
+    temperature: float = Field(
+        2.0, gt=0.0,
+        description="softmax temperature T (2 as published; larger = closer to equal weights)",
+    )
+    steps_per_epoch: int = Field(
+        50, ge=1,
+        description="applied steps that make one DWA epoch (training is iteration based); weights are 1 for the first two epochs",
+    )
 
 
 class DSTConfig(_WeightingBase):
     """Dropped scheduled task (Malhotra et al. 2020/2023): drop a task for a step as it progresses and stalls."""
 
     method: Literal["dst"] = "dst"
-    max_drop_probability: float = Field(0.5, ge=0.0, lt=1.0, description="drop probability of a task that has fully converged and stalled")
-    progress_share: float = Field(0.5, ge=0.0, le=1.0, description="share of the drop probability from training progress 1 - L_i/L_i(0); the rest from stagnancy")
-    ema: float = Field(0.9, ge=0.0, lt=1.0, description="smoothing factor of each task's loss before progress and stagnancy are read")
-    stall_patience: int = Field(50, ge=1, description="forwarded steps without improvement after which a task counts as fully stalled")
-    stall_tolerance: float = Field(0.01, ge=0.0, lt=1.0, description="relative fall of the smoothed loss below its best that counts as an improvement")
+    max_drop_probability: float = Field(
+        0.5, ge=0.0, lt=1.0,
+        description="drop probability of a task that has fully converged and stalled",
+    )
+    progress_share: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="share of the drop probability from training progress 1 - L_i/L_i(0); the rest from stagnancy",
+    )
+    ema: float = Field(
+        0.9, ge=0.0, lt=1.0,
+        description="smoothing factor of each task's loss before progress and stagnancy are read",
+    )
+    stall_patience: int = Field(
+        50, ge=1,
+        description="forwarded steps without improvement after which a task counts as fully stalled",
+    )
+    stall_tolerance: float = Field(
+        0.01, ge=0.0, lt=1.0,
+        description="relative fall of the smoothed loss below its best that counts as an improvement",
+    )
     seed: int = Field(0, ge=0, description="seed of the drop draws (identical on every rank; the same seed reproduces a run)")
 
 
@@ -412,17 +551,28 @@ class TrainConfig(_Strict):
     """Optimization: steps, batches, optimizer, schedule, precision, validation."""
 
     steps: int = Field(400, ge=1, description="optimizer steps in total")
-    batch_size: dict[Modality, int] | None = Field(default_factory=lambda: {"ct": 2, "mr": 2}, description="patches per step per modality (sets the CT:MR sampling ratio); null = planned from preprocess.memory_budget_mb")
+    batch_size: dict[Modality, int] | None = Field(
+        default_factory=lambda: {"ct": 2, "mr": 2},
+        description=(
+            "patches per step per modality (sets the CT:MR sampling ratio); null = planned from preprocess.memory_budget_mb"
+        ),
+    )
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="network optimizer")
     lr: float = Field(3e-3, gt=0.0, description="initial learning rate")
     weight_decay: float = Field(1e-5, ge=0.0, description="decoupled weight decay (adamw) or L2 (sgd)")
     momentum: float = Field(0.99, ge=0.0, lt=1.0, description="SGD momentum (nesterov)")
     poly_power: float = Field(0.9, ge=0.0, description="poly learning-rate schedule exponent (0 = constant)")
     grad_clip: float | None = Field(12.0, gt=0.0, description="max global gradient norm; null = no clipping")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast policy: bf16 on CPU or CUDA, fp16 (with GradScaler) on CUDA only")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="autocast policy: bf16 on CPU or CUDA, fp16 (with GradScaler) on CUDA only",
+    )
     val_every: int = Field(100, ge=1, description="validate every N steps (and at the end)")
     log_every: int = Field(10, ge=1, description="send step metrics to the tracker every N steps (batched)")
-    checkpoint_every: int = Field(50, ge=1, description="write DIR/last.pt every N steps (and at the end); best.pt on each better validation score")
+    checkpoint_every: int = Field(
+        50, ge=1,
+        description="write DIR/last.pt every N steps (and at the end); best.pt on each better validation score",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
 
     @field_validator("batch_size")
@@ -463,8 +613,14 @@ class RegistryGateConfig(_Strict):
         description="held-out Dice floors: key '<modality>/<class>' (e.g. ct/liver, mr/mean) or a class name for both modalities",
     )
     min_dice_all: float | None = Field(None, ge=0.0, le=1.0, description="floor for every class of every modality; null = none")
-    no_worse_than_champion: bool = Field(True, description="refuse a version whose Dice is below the current champion's on the same evaluation set")
-    compare_on: Literal["mean", "per_class"] = Field("mean", description="compare with the champion on each modality's mean Dice, or on every class")
+    no_worse_than_champion: bool = Field(
+        True,
+        description="refuse a version whose Dice is below the current champion's on the same evaluation set",
+    )
+    compare_on: Literal["mean", "per_class"] = Field(
+        "mean",
+        description="compare with the champion on each modality's mean Dice, or on every class",
+    )
     tolerance: float = Field(0.0, ge=0.0, le=1.0, description="Dice drop against the champion still accepted")
 
     @field_validator("min_dice")
@@ -479,19 +635,48 @@ class RegistryGateConfig(_Strict):
 class TrackingConfig(_Strict):
     """MLflow tracking and registry."""
 
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; null = $MLFLOW_TRACKING_URI or the embedded SQLite store under mlflow/")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; null = $MLFLOW_TRACKING_URI or the embedded SQLite store under mlflow/",
+    )
     experiment: str = Field("medmtl", description="MLflow experiment name")
     registered_model: str = Field("medmtl-abdomen", description="name of the registered model")
     log_model: bool = Field(True, description="log the deployable pyfunc model at the end of the run")
-    http_timeout_s: int = Field(10, ge=1, description="seconds one request to a tracking server may take (sets MLFLOW_HTTP_REQUEST_TIMEOUT; MLflow's default is 120)")
-    http_max_retries: int = Field(2, ge=0, le=10, description="retries of a failed request (sets MLFLOW_HTTP_REQUEST_MAX_RETRIES; MLflow's default 7 blocks for minutes)")
-    http_backoff_factor: int = Field(1, ge=0, le=120, description="exponential backoff factor between retries in seconds (sets MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR)")
-    flush_interval_s: float = Field(5.0, gt=0.0, description="the background sender sends buffered metric points at least this often")
-    retry_interval_s: float = Field(15.0, gt=0.0, description="while the server is unreachable, try again this often (records wait in the spool on disk)")
-    final_sync_timeout_s: float = Field(120.0, ge=0.0, description="at the end of a run, keep trying to send spooled records this long, then leave them on disk")
-    system_metrics: bool = Field(True, description="log MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) when psutil is installed")
+    http_timeout_s: int = Field(
+        10, ge=1,
+        description=(
+            "seconds one request to a tracking server may take (sets MLFLOW_HTTP_REQUEST_TIMEOUT; MLflow's default is 120)"
+        ),
+    )
+    http_max_retries: int = Field(
+        2, ge=0, le=10,
+        description="retries of a failed request (sets MLFLOW_HTTP_REQUEST_MAX_RETRIES; MLflow's default 7 blocks for minutes)",
+    )
+    http_backoff_factor: int = Field(
+        1, ge=0, le=120,
+        description="exponential backoff factor between retries in seconds (sets MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR)",
+    )
+    flush_interval_s: float = Field(
+        5.0, gt=0.0,
+        description="the background sender sends buffered metric points at least this often",
+    )
+    retry_interval_s: float = Field(
+        15.0, gt=0.0,
+        description="while the server is unreachable, try again this often (records wait in the spool on disk)",
+    )
+    final_sync_timeout_s: float = Field(
+        120.0, ge=0.0,
+        description="at the end of a run, keep trying to send spooled records this long, then leave them on disk",
+    )
+    system_metrics: bool = Field(
+        True,
+        description="log MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) when psutil is installed",
+    )
     system_metrics_interval_s: float = Field(10.0, gt=0.0, description="sampling interval of the system metrics in seconds")
-    overlay_cases: int = Field(4, ge=0, description="held-out cases per modality drawn as overlay pictures (mid slice, reference and predicted contours)")
+    overlay_cases: int = Field(
+        4, ge=0,
+        description="held-out cases per modality drawn as overlay pictures (mid slice, reference and predicted contours)",
+    )
     gate: RegistryGateConfig = Field(default_factory=RegistryGateConfig, description="promotion gates of `medmtl promote`")
 
 
@@ -503,8 +688,14 @@ class ExperimentConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    sharing: list[SharingConfig] = Field(default_factory=list, description="sharing mechanisms at chosen depths; empty = single-task baseline (independent columns)")
-    weighting: WeightingConfig = Field(default_factory=EqualWeightingConfig, description="loss-weighting method (equal, gradnorm, uncertainty, dwa, dst) and its hyper-parameters")
+    sharing: list[SharingConfig] = Field(
+        default_factory=list,
+        description="sharing mechanisms at chosen depths; empty = single-task baseline (independent columns)",
+    )
+    weighting: WeightingConfig = Field(
+        default_factory=EqualWeightingConfig,
+        description="loss-weighting method (equal, gradnorm, uncertainty, dwa, dst) and its hyper-parameters",
+    )
     loss: LossConfig = Field(default_factory=LossConfig, description="segmentation loss of each head")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -522,12 +713,14 @@ class ExperimentConfig(_Strict):
                              f"(model.channels has {len(self.model.channels)} levels, each halving the size)")
         # A planned patch (null) is a multiple of the divisor too; relative shapes are all the checks need.
         shapes = self.model.depth_shapes(patch if patch is not None else (divisor,) * 3)
+        aux_choices = [n for n in names if n.startswith("dec") and n != names[-1]]
         for d in self.model.deep_supervision_depths:
             if d not in names:
                 raise ValueError(f"model.deep_supervision_depths: unknown depth {d!r}; {help_here}")
             if not d.startswith("dec") or d == names[-1]:
                 raise ValueError(f"model.deep_supervision_depths: {d!r} is not a decoder depth below the main head "
-                                 f"({names[-1]}); choose among {', '.join(n for n in names if n.startswith('dec') and n != names[-1]) or 'none (add a level to model.channels)'}")
+                                 f"({names[-1]}); choose among "
+                                 f"{', '.join(aux_choices) or 'none (add a level to model.channels)'}")
         tied: dict[str, str] = {}
         mixed: dict[str, int] = {}
         head_mixers: list[int] = []
@@ -546,13 +739,15 @@ class ExperimentConfig(_Strict):
                 # Two mixing units after one stage would apply in list order, which nobody asked for.
                 if mech.mixes_activations:
                     if d in mixed:
-                        raise ValueError(f"sharing.{i}.depths: depth {d!r} is already mixed by sharing.{mixed[d]}; use one mixing unit per depth")
+                        raise ValueError(f"sharing.{i}.depths: depth {d!r} is already mixed by sharing.{mixed[d]}; "
+                                         "use one mixing unit per depth")
                     mixed[d] = i
             if mech.mixes_head_input:
                 head_mixers.append(i)
             mech.check(index=i, model=self.model, shapes=shapes)
         if len(head_mixers) > 1:
-            raise ValueError(f"sharing.{head_mixers[1]}: only one mechanism may mix layers before the heads (also sharing.{head_mixers[0]})")
+            raise ValueError(f"sharing.{head_mixers[1]}: only one mechanism may mix layers before the heads "
+                             f"(also sharing.{head_mixers[0]})")
         for i, mech in enumerate(self.sharing):
             for d in mech.depth_keys(names)["depths"] if mech.penalizes_parameters else []:
                 if d in tied:
@@ -582,7 +777,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `medmtl config show` lists every key)"
-        lines.append((f"  {key}: " if key else "  ") + msg + (f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), dict) else ""))
+        shows_input = e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), dict)
+        lines.append((f"  {key}: " if key else "  ") + msg + (f" (got {e['input']!r})" if shows_input else ""))
     return "\n".join(lines)
 
 
@@ -626,7 +822,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             where = ".".join(parts[: j + 1])
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"override {item!r}: {where} is not an index of the list at {'.'.join(parts[:j]) or '<root>'}")
+                    raise ConfigError(f"override {item!r}: {where} is not an index of the list at "
+                                      f"{'.'.join(parts[:j]) or '<root>'}")
                 node = node[int(part)]
             elif isinstance(node, dict):
                 node = node.setdefault(part, {})

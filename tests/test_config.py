@@ -141,3 +141,22 @@ def test_cli_config_show_prints_resolved_yaml_and_errors_cleanly(capsys):
     assert main(["config", "show", str(ROOT / "configs" / "demo.yaml"), "model.chanels=[4,8]"]) == 2
     err = capsys.readouterr().err
     assert "model.chanels" in err and "unknown key" in err and "Traceback" not in err
+
+
+def test_comparison_configs_differ_only_in_sharing_and_match_the_demo_but_for_weighting():
+    # the comment at the top of each abdomen_*/baseline_* config claims exactly this
+    root = Path(__file__).resolve().parents[1] / "configs"
+    demo = load_config(root / "demo.yaml")
+    studied = [load_config(p) for p in sorted(root.glob("abdomen_*.yaml")) + sorted(root.glob("baseline_*.yaml"))]
+    first = studied[0].model_dump(exclude={"name", "sharing"})
+    for cfg in studied:
+        assert cfg.model_dump(exclude={"name", "sharing"}) == first, cfg.name
+        assert cfg.weighting.method == "equal"
+        for section in ("data", "preprocess", "model", "loss", "train", "eval"):
+            assert getattr(cfg, section) == getattr(demo, section), (cfg.name, section)
+
+
+def test_loss_section_defaults_are_the_trainers_former_dice_ce():
+    loss = validate_config({}).loss
+    assert (loss.kind, loss.include_background, loss.smooth_nr, loss.smooth_dr) == ("dice_ce", False, 1e-5, 1e-5)
+    assert (loss.squared_pred, loss.batch, loss.lambda_dice, loss.lambda_ce) == (False, False, 1.0, 1.0)

@@ -95,8 +95,6 @@ class RunLogger:
         self.flush_interval_s = s.flush_interval_s
         self.retry_interval_s = s.retry_interval_s
         self.final_sync_timeout_s = s.final_sync_timeout_s
-        self.points_logged = 0  # metric points the server has acknowledged
-        self.points_queued = 0
         self.offline_since: float | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -114,7 +112,6 @@ class RunLogger:
         rows = [[_clean(k), float(v), ts, int(step)] for k, v in metrics.items()]
         with self._lock:
             self._points.extend(rows)
-            self.points_queued += len(rows)
             full = len(self._points) >= self.flush_every
         if full:
             self._wake.set()
@@ -219,11 +216,10 @@ class RunLogger:
             now = time.monotonic()
             if self.spool.n_unsent and (now >= next_try or self._urgent.is_set()):
                 try:
-                    ok, sent = send_records(self.spool, sender)
+                    ok, _ = send_records(self.spool, sender)
                 except Exception:  # noqa: BLE001 - the sender must outlive any surprise; records stay spooled
                     log.exception("MLflow sender of run %s failed; records stay in %s", self.run_id, self.spool.folder)
-                    ok, sent = False, 0
-                self.points_logged += sent
+                    ok = False
                 if ok:
                     if self.offline_since is not None:
                         log.warning("MLflow server %s reachable again after %.0f s; spooled records sent",

@@ -19,8 +19,8 @@ import numpy as np
 
 __all__ = ["history_figures", "log_history_plots", "overlay_figure", "log_overlays"]
 
-# metric families drawn together: first component of the key -> file name
-_FAMILY_FILES = {"loss": "losses", "weight": "task_weights", "gradnorm": "gradnorm", "penalty": "penalties"}
+# metric families drawn together: first component of the key -> file name (other families: their own name)
+_FAMILY_FILES = {"loss": "losses", "weight": "task_weights", "penalty": "penalties"}
 _OPTIMIZER_KEYS = {"grad_norm", "lr", "skipped_steps"}
 
 
