@@ -281,7 +281,7 @@ def _patch_and_batch(mp: ModalityPlan, inputs: dict[str, float], patch_size=None
 
 def _plan_modality(data_dir: Path, entries: list[ManifestEntry], modality: str, cfg: ExperimentConfig) -> ModalityPlan:
     if not entries:
-        raise ValueError(f"{data_dir / 'manifest.jsonl'}: no {modality.upper()} images; both modalities are needed for joint training")
+        raise ValueError(f"{data_dir / 'manifest.jsonl'}: no {dicom_modality(modality)} images; both modalities are needed for joint training")
     spacings, shapes, fg = [], [], []
     rng = np.random.default_rng(FG_SAMPLING_SEED)
     cap = cfg.preprocess.fg_samples_per_image

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from medmtl.atomic import atomic_path
-from medmtl.modality import MODALITIES
+from medmtl.modality import MODALITIES, dicom_modality, parse_modality
 
 __all__ = ["ModelInput", "read_model_input", "read_dicom_series", "write_nifti", "write_dicom_seg", "SegNotPossible"]
 
@@ -62,9 +62,9 @@ class ModelInput:
 
 
 def _modality(value, where: str) -> str:
-    m = str(value or "").strip().lower()
-    if m not in MODALITIES:
-        raise ValueError(f"{where}: modality must be CT or MR, got {value!r}")
+    m = parse_modality(value)
+    if m is None:
+        raise ValueError(f"{where}: modality must be {' or '.join(map(dicom_modality, MODALITIES))}, got {value!r}")
     return m
 
 
@@ -96,7 +96,7 @@ def read_dicom_series(folder: str | Path):
             if not isinstance(res, SkippedFile):
                 slices.extend(res)
         plans = [check_series(c) for c in assemble_series(slices)]
-        accepted = [p for p in plans if p.accepted and p.modality in ("CT", "MR")]
+        accepted = [p for p in plans if p.accepted and parse_modality(p.modality) is not None]
         if not accepted:
             why = sorted({f"{r}: {p.details.get(r, '')}" for p in plans for r in p.reasons})
             raise ValueError(f"{folder}: no CT or MR image series to segment ({len(files)} files"
@@ -117,7 +117,7 @@ def read_model_input(row: dict, where: str = "input") -> ModelInput:
         if p.is_dir():
             vol, plan = read_dicom_series(p)
             modality = _modality(row.get("modality") or plan.modality, f"{where} ({p})")
-            if row.get("modality") and modality != plan.modality.lower():
+            if row.get("modality") and modality != parse_modality(plan.modality):
                 raise ValueError(f"{where} ({p}): modality {row['modality']!r} given, but the series is {plan.modality}")
             return _from_array(vol, np.asarray(plan.affine, dtype=np.float64), "dicom", modality, plan)
         if not p.is_file():

@@ -18,7 +18,7 @@ from monai.transforms import Compose, Invertd
 from medmtl.config import ExperimentConfig
 from medmtl.data.plan import Plan
 from medmtl.data.transforms import deterministic_transforms, patch_size
-from medmtl.modality import MODALITIES
+from medmtl.modality import MODALITIES, parse_modality
 
 __all__ = ["Prediction", "Segmenter"]
 
@@ -54,9 +54,9 @@ class Segmenter:
 
     def predict(self, image: str | Path | torch.Tensor, modality: str) -> Prediction:
         """Segment one image (a NIfTI path, or a MetaTensor with its affine) of ``modality`` (``ct``/``mr``)."""
-        modality = modality.lower()
-        if modality not in self.pre:
-            raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
+        given, modality = modality, parse_modality(modality)
+        if modality is None:
+            raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {given!r}")
         was_training = self.net.training
         self.net.eval()
         try:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medmtl.modality import dicom_modality
+
 __all__ = ["history_figures", "log_history_plots", "overlay_figure", "log_overlays"]
 
 # metric families drawn together: first component of the key -> file name (other families: their own name)
@@ -147,7 +149,7 @@ def log_overlays(logger, segmenter, entries: dict[str, list], data_dir: str | Pa
                 if e.label:
                     raw = torch.as_tensor(np.asarray(nib.load(str(data_dir / e.label)).dataobj))
                     ref = RemapLabels(labels[m])(raw).numpy()
-                fig = overlay_figure(image, ref, pred.class_indices, names, title=f"{m.upper()} {e.case_id} mid slice")
+                fig = overlay_figure(image, ref, pred.class_indices, names, title=f"{dicom_modality(m)} {e.case_id} mid slice")
                 p = Path(tmp) / f"{m}_{e.case_id}_{e.series_key}.png"
                 fig.savefig(p)
                 plt.close(fig)
