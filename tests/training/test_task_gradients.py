@@ -112,3 +112,51 @@ def test_a_method_on_shared_parameters_is_refused_at_config_time_without_any():
         SharedGradientsConfig().check(soft)
     hard = validate_config({**SMALL, "sharing": [{"kind": "hard", "depths": ["enc0"]}]})
     SharedGradientsConfig().check(hard)  # enc0 is shared: accepted
+
+
+def _rank_batch(rank: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    return {m: {"image": torch.randn(1, 1, 16, 16, 8, generator=g),
+                "label": torch.randint(0, 5, (1, 1, 16, 16, 8), generator=g)} for m in MODALITIES}
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from medmtl.training.distributed import DistributedContext
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        cfg = validate_config({**SMALL, "sharing": [{"kind": "hard", "depths": ["enc0", "enc1"]}]})
+        ctx = DistributedContext(rank=rank, world_size=world, backend="gloo")
+        parts = build_training_parts(cfg, torch.device("cpu"), ctx)
+        parts.weighting = Recording(cfg=SharedGradientsConfig(), tasks=MODALITIES)
+        parts.task_gradients = TaskGradients(parts.net.shared_parameters(), ctx)
+        parts.step(_rank_batch(rank))
+        torch.save(parts.weighting.seen, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_data_parallelism_each_task_gradient_is_the_rank_average_and_identical_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    seen = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    # reference: each rank's task gradient computed alone on the same initial net, averaged over ranks
+    refs = []
+    for r in range(world):
+        torch.manual_seed(0)
+        cfg = validate_config({**SMALL, "sharing": [{"kind": "hard", "depths": ["enc0", "enc1"]}]})
+        parts = build_training_parts(cfg, torch.device("cpu"))
+        shared = parts.net.shared_parameters()
+        refs.append({t: _alone(parts, _rank_batch(r), t, shared) for t in MODALITIES})
+    for t in MODALITIES:
+        for i in range(len(refs[0][t])):
+            assert torch.equal(seen[0][t][i], seen[1][t][i])  # bit-identical on every rank
+            mean = sum(ref[t][i] for ref in refs) / world
+            torch.testing.assert_close(seen[0][t][i], mean, rtol=1e-5, atol=1e-7)
