@@ -19,14 +19,18 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
 
 from medmtl.atomic import atomic_path
-from medmtl.modality import MODALITIES, dicom_modality, parse_modality
+from medmtl.modality import MODALITIES, Modality, dicom_modality, parse_modality
 
-__all__ = ["ModelInput", "read_model_input", "read_dicom_series", "write_nifti", "write_dicom_seg", "SegNotPossible"]
+__all__ = ["ModelInput", "InputKind", "read_model_input", "read_dicom_series", "write_nifti", "write_dicom_seg", "SegNotPossible"]
+
+#: where a model input came from
+InputKind = Literal["nifti", "dicom", "array"]
 
 
 class SegNotPossible(ValueError):
@@ -46,8 +50,8 @@ class ModelInput:
         dicom_plan: the accepted :class:`~medmtl.ingest.dicom_series.SeriesPlan` for DICOM inputs.
     """
 
-    kind: str
-    modality: str
+    kind: InputKind
+    modality: Modality
     nifti: Path
     shape: tuple[int, int, int]
     affine: np.ndarray
@@ -61,7 +65,7 @@ class ModelInput:
             self._tmpdir = None
 
 
-def _modality(value, where: str) -> str:
+def _modality(value, where: str) -> Modality:
     m = parse_modality(value)
     if m is None:
         raise ValueError(f"{where}: modality must be {' or '.join(map(dicom_modality, MODALITIES))}, got {value!r}")
@@ -137,7 +141,7 @@ def read_model_input(row: dict, where: str = "input") -> ModelInput:
     raise ValueError(f"{where}: give 'image' (a NIfTI file or DICOM series folder) or 'array' (+ 'affine')")
 
 
-def _from_array(vol: np.ndarray, affine: np.ndarray, kind: str, modality: str, plan) -> ModelInput:
+def _from_array(vol: np.ndarray, affine: np.ndarray, kind: InputKind, modality: Modality, plan) -> ModelInput:
     tmp = tempfile.TemporaryDirectory(prefix="medmtl-input-")
     path = write_nifti(np.asarray(vol), affine, Path(tmp.name) / "image.nii")
     return ModelInput(kind, modality, path, tuple(int(s) for s in vol.shape), affine, plan, tmp)

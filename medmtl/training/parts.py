@@ -20,7 +20,7 @@ from medmtl.errors import ConfigError
 from medmtl.modality import MODALITIES
 from medmtl.models.two_column import TwoColumnNet
 from medmtl.training.distributed import DistributedContext
-from medmtl.training.precision import Precision
+from medmtl.training.precision import Precision, PrecisionMode
 from medmtl.training.step import GradientProbe, StepResult, TaskGradients, train_step
 from medmtl.weighting import LossWeighting, build_weighting
 
@@ -69,7 +69,7 @@ class TrainingParts:
 
 
 def build_training_parts(cfg: ExperimentConfig, device: torch.device, dist_ctx: DistributedContext | None = None,
-                         *, precision: str | None = None) -> TrainingParts:
+                         *, precision: PrecisionMode | None = None) -> TrainingParts:
     """Build the network (on ``device``), weighting, optimizer, poly schedule, loss, precision and gradient readers.
 
     Seeding is the caller's: the net's initial weights come from torch's global RNG as it stands

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-__all__ = ["Precision", "resolve_device"]
+__all__ = ["Precision", "PrecisionMode", "resolve_device"]
+
+PrecisionMode = Literal["fp32", "bf16", "fp16"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,7 +30,7 @@ def resolve_device(name: str) -> torch.device:
 class Precision:
     """Autocast context and (for fp16) the gradient scaler of one run."""
 
-    mode: str
+    mode: PrecisionMode
     device: torch.device
 
     def __post_init__(self) -> None:
