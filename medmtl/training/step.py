@@ -100,7 +100,8 @@ class TaskGradients:
         """Task -> its gradient on every parameter, unscaled and rank-averaged (``record`` was called for
         every task but the last, and ``.grad`` now holds the rank-averaged sum)."""
         if len(self._snapshots) != len(tasks) - 1:
-            raise RuntimeError(f"TaskGradients: {len(self._snapshots)} snapshots for {len(tasks)} tasks; record() after each task but the last")
+            raise RuntimeError(f"TaskGradients: {len(self._snapshots)} snapshots for {len(tasks)} tasks; "
+                               "call record() after each task's backward but the last")
         snaps = self._snapshots
         if self.ctx.enabled and snaps:
             flat = torch.cat([g.reshape(-1) for snap in snaps for g in snap])
