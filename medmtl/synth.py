@@ -13,7 +13,6 @@ Layout written under ``OUT``::
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import sys
@@ -22,7 +21,6 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -30,6 +28,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from medmtl.atomic import atomic_write_bytes
+from medmtl.nifti import write_nifti
 
 LABELS: dict[int, str] = {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right"}
 
@@ -521,12 +520,8 @@ def _instance_numbers(n: int, mode: str) -> np.ndarray:
 
 
 def _write_label(path: Path, labels: np.ndarray, affine_ras: np.ndarray) -> None:
-    img = nib.Nifti1Image(labels.astype(np.uint8), affine_ras)
-    img.set_qform(affine_ras, code=1)
-    img.set_sform(affine_ras, code=1)
-    img.header.set_xyzt_units("mm")
-    # gzip with mtime=0 and no file name so that the same seed gives byte-identical files.
-    atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0), durable=False)
+    # The shared writer's gzip has mtime 0 and no file name: the same seed gives byte-identical files.
+    write_nifti(path, labels.astype(np.uint8), affine_ras, durable=False)
 
 
 # ----------------------------------------------------------------------------------------------

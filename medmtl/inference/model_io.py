@@ -26,6 +26,7 @@ import numpy as np
 
 from medmtl.atomic import atomic_path
 from medmtl.modality import MODALITIES, Modality, dicom_modality, parse_modality
+from medmtl.nifti import write_nifti as _write_nifti
 
 __all__ = ["ModelInput", "InputKind", "read_model_input", "read_dicom_series", "write_nifti", "write_dicom_seg", "SegNotPossible"]
 
@@ -73,13 +74,12 @@ def _modality(value, where: str) -> Modality:
 
 
 def write_nifti(arr: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write ``arr`` with ``affine`` (qform and sform, code 1) atomically; returns ``path``."""
+    """Write ``arr`` with ``affine`` (qform and sform, code 1) atomically; returns ``path``.
+
+    The project's one NIfTI writer (:func:`medmtl.nifti.write_nifti`): gzipped when ``path`` ends in ``.gz``.
+    """
     path = Path(path)
-    img = nib.Nifti1Image(arr, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    with atomic_path(path, suffix=".nii.gz" if path.name.endswith(".gz") else ".nii") as tmp:
-        nib.save(img, tmp)
+    _write_nifti(path, arr, affine)
     return path
 
 

@@ -43,16 +43,9 @@ from typing import Mapping
 
 import numpy as np
 import pydicom
-from pydicom.multival import MultiValue
 
-from medmtl.ingest.dicom_series import (
-    LABEL_TOL_VOXELS,
-    ORIENTATION_TOL,
-    LabelError,
-    SeriesPlan,
-    SkippedFile,
-    resample_label_like,
-)
+from medmtl.ingest.common import SkippedFile, floats, functional_group, slice_frame
+from medmtl.ingest.dicom_series import LABEL_TOL_VOXELS, ORIENTATION_TOL, LabelError, SeriesPlan, resample_label_like
 
 # Most segments a SEG may carry: ingested masks are uint8 (value 0 is background).
 MAX_LABEL_VALUE = 255
@@ -156,16 +149,13 @@ def _seg_header(path: str, ds, st) -> SegHeader:
         problems.append("no SegmentSequence")
 
     def fg(item, seq, attr):
-        for src in (item, shared):
-            if src is not None and src.get(seq) and attr in src[seq][0]:
-                return src[seq][0][attr].value
-        return None
+        return functional_group(item, shared, seq, attr)
 
     ipp, iop, ps, seg_no, sources = [], [], [], [], []
     for item in per_frame:
-        ipp.append(_floats(fg(item, "PlanePositionSequence", "ImagePositionPatient"), 3))
-        iop.append(_floats(fg(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6))
-        ps.append(_floats(fg(item, "PixelMeasuresSequence", "PixelSpacing"), 2))
+        ipp.append(floats(fg(item, "PlanePositionSequence", "ImagePositionPatient"), 3))
+        iop.append(floats(fg(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6))
+        ps.append(floats(fg(item, "PixelMeasuresSequence", "PixelSpacing"), 2))
         number = fg(item, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
         seg_no.append(int(number) if number is not None else 0)
         refs = set()
@@ -210,16 +200,6 @@ def _seg_header(path: str, ds, st) -> SegHeader:
         file_mtime_ns=st.st_mtime_ns,
         problem="; ".join(problems),
     )
-
-
-def _floats(v, n: int) -> tuple[float, ...] | None:
-    if v is None:
-        return None
-    try:
-        vals = tuple(float(x) for x in (v if isinstance(v, (list, tuple, MultiValue)) else [v]))
-    except (TypeError, ValueError):
-        return None
-    return vals if len(vals) == n else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,10 +306,7 @@ def place_seg(seg: SegHeader, plan: SeriesPlan, label_names: Mapping[int, str] |
         frames = np.array([i for i in frames if not seg.frame_sources[i] or seg.frame_sources[i] & sops], dtype=int)
 
     iop = np.asarray(first.iop, float)
-    u, v = iop[:3] / np.linalg.norm(iop[:3]), iop[3:]
-    v = v - np.dot(u, v) * u
-    v = v / np.linalg.norm(v)
-    nrm = np.cross(u, v)
+    u, v, nrm = slice_frame(iop)  # an accepted plan has a valid orientation
     drow, dcol = first.pixel_spacing
     ipp = np.array([s.ipp for s in plan.slices], float)
     rel = plan.positions if plan.positions is not None else (ipp - ipp[0]) @ nrm

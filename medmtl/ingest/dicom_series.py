@@ -75,6 +75,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from medmtl.errors import IngestError
+from medmtl.ingest.common import Findings, SkippedFile, as_list, floats, functional_group, slice_frame
+
 log = logging.getLogger(__name__)
 
 # SOP classes handled specially (values from DICOM PS3.4).
@@ -87,10 +90,13 @@ SUPPORTED_MODALITIES = ("CT", "MR")
 LOCALIZER_IMAGE_TYPES = ("LOCALIZER", "SCOUT")
 # Orientation vectors closer than this (per component) are the same orientation.
 ORIENTATION_TOL = 1e-3
-# In-plane offset, in voxels, above which slices count as sheared (gantry tilt). Shifts within this of a
-# whole voxel count as that whole voxel when the tilt-corrected grid is enlarged (header rounding must not
-# add a row of pure background).
+# In-plane offset, in voxels, above which slices count as sheared (gantry tilt); see the module docstring.
 TILT_TOL_VOXELS = 0.01
+# Shifts within this of a whole voxel count as that whole voxel when the tilt-corrected grid is enlarged
+# (header rounding must not add a row of pure background).
+GROWTH_ROUNDING_VOXELS = 0.01
+# Deviations (in voxels) within tolerance but above this get an informational detail in the report.
+NOTE_VOXELS = 0.01
 # Value of CT voxels that no source pixel covers (the margin added by gantry-tilt correction): air at the
 # bottom of the usual CT scale, i.e. stored value 0 under the common RescaleIntercept -1024. Not "the
 # minimum representable": for signed pixels that is -32768 + intercept, not air. Never 0 HU (water, soft
@@ -103,9 +109,9 @@ LABEL_TOL_VOXELS = 1e-3
 DUPLICATE_TOL_MM = 1e-3
 # A step more than this times the median step is a missing slice or gap.
 GAP_FACTOR = 1.5
-# Uniform grid tolerance on positions: max(NON_UNIFORM_REL_TOL * step, NON_UNIFORM_ABS_TOL_MM).
-NON_UNIFORM_REL_TOL = 0.01
-NON_UNIFORM_ABS_TOL_MM = 0.01
+# Positions further than this fraction of the slice step from a uniform grid are resampled; see the module
+# docstring.
+NON_UNIFORM_TOL_VOXELS = 0.01
 # Headers that may separate duplicate positions within one geometric series, in the order tried.
 SPLIT_KEYS = ("echo", "temporal", "bvalue", "stack", "acquisition", "image_type")
 
@@ -145,15 +151,6 @@ class SliceHeader:
     file_mtime_ns: int
 
 
-@dataclass(frozen=True)
-class SkippedFile:
-    """A file that is not part of any image series, and why (``reason`` is a short name)."""
-
-    path: str
-    reason: str
-    detail: str = ""
-
-
 @dataclass
 class SeriesCandidate:
     """Slices of one SeriesInstanceUID that share one geometry (``part`` of ``n_parts``, 1-based)."""
@@ -167,7 +164,7 @@ class SeriesCandidate:
 
 
 @dataclass
-class SeriesPlan:
+class SeriesPlan(Findings):
     """Outcome of the checks on one candidate, and how to build its volume when accepted.
 
     Attributes:
@@ -214,19 +211,9 @@ class SeriesPlan:
             return None
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
 
-    def reject(self, name: str, detail: str) -> None:
-        """Record a rejecting check."""
-        self.reasons.append(name)
-        self.details[name] = detail
-
-    def warn(self, name: str, detail: str) -> None:
-        """Record a correcting or flagging check."""
-        if name not in self.warnings:
-            self.warnings.append(name)
-        self.details[name] = detail
 
 
-class SeriesReadError(RuntimeError):
+class SeriesReadError(IngestError, RuntimeError):
     """Pixel data of one slice could not be read; ``reason`` is the check name for the report."""
 
     def __init__(self, reason: str, message: str):
@@ -234,7 +221,7 @@ class SeriesReadError(RuntimeError):
         self.reason = reason
 
 
-class LabelError(RuntimeError):
+class LabelError(IngestError, RuntimeError):
     """A label (NIfTI mask or DICOM SEG) cannot be used for its series; ``reason`` is the check name."""
 
     def __init__(self, reason: str, message: str):
@@ -350,14 +337,14 @@ def _slices_from_header(path, ds, st, pixel_offset) -> list[SliceHeader] | Skipp
         file_size=st.st_size,
         file_mtime_ns=st.st_mtime_ns,
     )
-    image_type = tuple(str(v).upper() for v in _as_list(_optional(ds, "ImageType") or ()))
+    image_type = tuple(str(v).upper() for v in as_list(_optional(ds, "ImageType") or ()))
     if "PerFrameFunctionalGroupsSequence" in ds:
         return _enhanced_frames(ds, common, image_type, n_frames)
     if n_frames > 1:
         # Classic multi-frame (cine, NM, US): no per-frame positions, cannot form a 3D grid.
         return [
             SliceHeader(
-                frame=i, image_type=image_type + ("MULTIFRAME_CLASSIC",), pixel_spacing=_floats(ds.get("PixelSpacing")),
+                frame=i, image_type=image_type + ("MULTIFRAME_CLASSIC",), pixel_spacing=floats(ds.get("PixelSpacing")),
                 iop=None, ipp=None, slope=1.0, intercept=0.0, rwv=None, split_values=(i,) * len(SPLIT_KEYS),
                 **common,
             )
@@ -375,9 +362,9 @@ def _slices_from_header(path, ds, st, pixel_offset) -> list[SliceHeader] | Skipp
         SliceHeader(
             frame=None,
             image_type=image_type,
-            pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
-            iop=_floats(ds.get("ImageOrientationPatient"), 6),
-            ipp=_floats(ds.get("ImagePositionPatient"), 3),
+            pixel_spacing=floats(ds.get("PixelSpacing"), 2),
+            iop=floats(ds.get("ImageOrientationPatient"), 6),
+            ipp=floats(ds.get("ImagePositionPatient"), 3),
             slope=float(ds.get("RescaleSlope", 1) or 1),
             intercept=float(ds.get("RescaleIntercept", 0) or 0),
             rwv=_rwv(ds),
@@ -411,10 +398,7 @@ def _enhanced_frames(ds, common, image_type, n_frames) -> list[SliceHeader]:
     per_frame = ds.PerFrameFunctionalGroupsSequence
 
     def fg(item, seq, attr):
-        for src in (item, shared):
-            if src is not None and seq in src and len(src[seq].value) and attr in src[seq].value[0]:
-                return src[seq].value[0][attr].value
-        return None
+        return functional_group(item, shared, seq, attr)
 
     out = []
     for i in range(min(n_frames, len(per_frame))):
@@ -434,15 +418,15 @@ def _enhanced_frames(ds, common, image_type, n_frames) -> list[SliceHeader]:
             _num(fg(item, "MRDiffusionSequence", "DiffusionBValue")),
             fg(item, "FrameContentSequence", "StackID"),
             None,
-            tuple(str(v).upper() for v in _as_list(frame_type or ())),
+            tuple(str(v).upper() for v in as_list(frame_type or ())),
         )
         out.append(
             SliceHeader(
                 frame=i,
-                image_type=image_type + tuple(str(v).upper() for v in _as_list(frame_type or ())),
-                pixel_spacing=_floats(fg(item, "PixelMeasuresSequence", "PixelSpacing"), 2),
-                iop=_floats(fg(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
-                ipp=_floats(fg(item, "PlanePositionSequence", "ImagePositionPatient"), 3),
+                image_type=image_type + tuple(str(v).upper() for v in as_list(frame_type or ())),
+                pixel_spacing=floats(fg(item, "PixelMeasuresSequence", "PixelSpacing"), 2),
+                iop=floats(fg(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+                ipp=floats(fg(item, "PlanePositionSequence", "ImagePositionPatient"), 3),
                 slope=float(slope if slope not in (None, "") else 1),
                 intercept=float(intercept if intercept not in (None, "") else 0),
                 rwv=rwv,
@@ -477,27 +461,6 @@ def _rwv(ds) -> tuple[float, float] | None:
 
 def _is_native(tsyntax: str) -> bool:
     return tsyntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
-
-
-def _as_list(v) -> list:
-    if v is None:
-        return []
-    if isinstance(v, (str, bytes)):
-        return [v]
-    try:
-        return list(v)
-    except TypeError:
-        return [v]
-
-
-def _floats(v, n: int | None = None) -> tuple[float, ...] | None:
-    vals = _as_list(v)
-    if not vals or (n is not None and len(vals) != n):
-        return None
-    try:
-        return tuple(float(x) for x in vals)
-    except (TypeError, ValueError):
-        return None
 
 
 def _num(v):
@@ -582,15 +545,11 @@ def _close(a, b, tol) -> bool:
     return bool(np.all(np.abs(np.subtract(a, b)) <= tol))
 
 
-def _normal(iop) -> np.ndarray:
-    n = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
-    return n / (np.linalg.norm(n) or 1.0)
-
-
 def _has_duplicate_positions(group: list[SliceHeader]) -> bool:
-    if any(s.ipp is None or s.iop is None for s in group):
+    frame = slice_frame(group[0].iop) if all(s.ipp is not None and s.iop is not None for s in group) else None
+    if frame is None:
         return False
-    d = np.sort([np.dot(_normal(group[0].iop), s.ipp) for s in group])
+    d = np.sort(np.asarray([s.ipp for s in group], dtype=np.float64) @ frame[2])
     return bool(np.any(np.diff(d) < DUPLICATE_TOL_MM))
 
 
@@ -613,18 +572,57 @@ def _split_duplicates(group: list[SliceHeader]) -> list[list[SliceHeader]]:
 def check_series(cand: SeriesCandidate, *, min_slices: int = 3) -> SeriesPlan:
     """Run every check on one candidate and, when it passes, compute its output grid.
 
-    Pure header arithmetic: no pixel data is read. See the module docstring for the check table.
+    Pure header arithmetic: no pixel data is read. See the module docstring for the check table. The
+    steps, in order: headers (modality, patients, frame of reference, localizer, pixels, decoder,
+    geometry present), orientation, order along the normal (duplicates), gantry tilt, slice spacing
+    (gaps, uneven steps), output grid. A step that makes the rest meaningless ends the checks.
     """
-    slices = cand.slices
-    modality = slices[0].modality
-    plan = SeriesPlan(candidate=cand, modality=modality, slices=list(slices))
+    plan = SeriesPlan(candidate=cand, modality=cand.slices[0].modality, slices=list(cand.slices))
     for w in cand.warnings:
         plan.warn(w, cand.details[w])
-    n = len(slices)
+    if not _check_headers(plan, min_slices):
+        return plan
+    frame = slice_frame(plan.slices[0].iop)
+    if frame is None:
+        plan.reject("invalid_orientation", "ImageOrientationPatient is not two orthonormal direction vectors")
+        return plan
+    geo = _sort_along_normal(plan, frame)
+    if geo is None:
+        return plan
+    if len(plan.slices) < 2:
+        first = plan.slices[0]
+        plan.affine = _ras_affine(geo.u * geo.dcol, geo.v * geo.drow, geo.nrm * max(geo.drow, geo.dcol), geo.ipp[0])
+        plan.shape = (first.cols, first.rows, 1)
+        return plan
+    _check_tilt(plan, geo)
+    if not _check_spacing(plan, geo):
+        return plan
+    _set_output_grid(plan, geo)
+    return plan
 
+
+@dataclass
+class _Geometry:
+    """Slice frame and positions of a candidate, shared by the geometric check steps."""
+
+    u: np.ndarray  # row direction (along a row: axis 0)
+    v: np.ndarray  # column direction (axis 1)
+    nrm: np.ndarray  # slice normal
+    drow: float  # PixelSpacing between rows, mm
+    dcol: float  # PixelSpacing between columns, mm
+    ipp: np.ndarray  # (n, 3) positions sorted along the normal, LPS mm
+    rel: np.ndarray  # (n,) positions along the normal relative to the first slice, mm
+    grow_lo: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=int))
+    grow_hi: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=int))
+    dz: float = 0.0
+
+
+def _check_headers(plan: SeriesPlan, min_slices: int) -> bool:
+    """Checks on the header values alone; False when the geometry steps cannot run."""
+    slices, modality, n = plan.slices, plan.modality, len(plan.slices)
     if modality not in SUPPORTED_MODALITIES:
         plan.reject("unsupported_modality", f"modality {modality or 'missing'!s}; only CT and MR are ingested")
-        return plan
+        return False
     if len({s.patient_id for s in slices}) > 1:
         plan.reject("multiple_patients", f"{len({s.patient_id for s in slices})} different PatientIDs in one series")
     if len({s.frame_of_reference_uid for s in slices}) > 1:
@@ -637,10 +635,23 @@ def check_series(cand: SeriesCandidate, *, min_slices: int = 3) -> SeriesPlan:
         plan.reject("too_few_slices", f"{n} slice(s); at least {min_slices} are needed for a volume")
     if any("MULTIFRAME_CLASSIC" in s.image_type for s in slices):
         plan.reject("unsupported_pixels", "classic multi-frame image without per-frame positions")
-        return plan
-    if any(s.samples_per_pixel != 1 for s in slices) or any(
-        not s.photometric.startswith("MONOCHROME") for s in slices
-    ):
+        return False
+    _check_pixel_format(plan)
+    missing = [
+        name
+        for name, attr in (("ImagePositionPatient", "ipp"), ("ImageOrientationPatient", "iop"), ("PixelSpacing", "pixel_spacing"))
+        if any(getattr(s, attr) is None for s in slices)
+    ]
+    if missing:
+        plan.reject("missing_geometry", f"{', '.join(missing)} missing or malformed; cannot place the slices in space")
+        return False
+    return True
+
+
+def _check_pixel_format(plan: SeriesPlan) -> None:
+    """Monochrome single-sample pixels of a supported depth, in a transfer syntax an installed decoder reads."""
+    slices = plan.slices
+    if any(s.samples_per_pixel != 1 for s in slices) or any(not s.photometric.startswith("MONOCHROME") for s in slices):
         plan.reject("unsupported_pixels", "colour or multi-sample pixels; CT and MR volumes must be monochrome")
     if any(s.bits_allocated not in (8, 16, 32) for s in slices):
         plan.reject("unsupported_pixels", f"BitsAllocated {sorted({s.bits_allocated for s in slices})} not supported")
@@ -652,79 +663,74 @@ def check_series(cand: SeriesCandidate, *, min_slices: int = 3) -> SeriesPlan:
             f"no installed decoder for {names}; install the pylibjpeg plugins or decompress the export "
             "(e.g. `gdcmconv --raw`)",
         )
-    missing = [
-        name
-        for name, attr in (("ImagePositionPatient", "ipp"), ("ImageOrientationPatient", "iop"), ("PixelSpacing", "pixel_spacing"))
-        if any(getattr(s, attr) is None for s in slices)
-    ]
-    if missing:
-        plan.reject("missing_geometry", f"{', '.join(missing)} missing or malformed; cannot place the slices in space")
-        return plan
 
-    iop = np.asarray(slices[0].iop)
-    u, v = iop[:3], iop[3:]
-    if abs(np.linalg.norm(u) - 1) > 1e-2 or abs(np.linalg.norm(v) - 1) > 1e-2 or abs(np.dot(u, v)) > 1e-2:
-        plan.reject("invalid_orientation", "ImageOrientationPatient is not two orthonormal direction vectors")
-        return plan
-    # Re-orthonormalize: headers store 6-8 digits, and qform needs an exact rotation.
-    u = u / np.linalg.norm(u)
-    v = v - np.dot(u, v) * u
-    v = v / np.linalg.norm(v)
-    nrm = np.cross(u, v)
-    drow, dcol = slices[0].pixel_spacing  # PixelSpacing = (between rows, between columns)
 
-    ipp = np.array([s.ipp for s in slices], dtype=np.float64)
+def _sort_along_normal(plan: SeriesPlan, frame) -> _Geometry | None:
+    """Sort the slices by position along the normal; None (rejected) when two share a position."""
+    u, v, nrm = frame
+    drow, dcol = plan.slices[0].pixel_spacing  # PixelSpacing = (between rows, between columns)
+    ipp = np.array([s.ipp for s in plan.slices], dtype=np.float64)
     d = ipp @ nrm
     order = np.argsort(d, kind="stable")
-    plan.slices = [slices[i] for i in order]
+    plan.slices = [plan.slices[i] for i in order]
     ipp, d = ipp[order], d[order]
     rel = d - d[0]
     plan.positions = rel
-
-    if n >= 2:
-        steps = np.diff(rel)
-        n_dup = int(np.sum(steps < DUPLICATE_TOL_MM))
-        if n_dup:
-            plan.reject(
-                "duplicate_positions",
-                f"{n_dup} slice(s) share a position with another slice and no echo/temporal/b-value/stack/"
-                "acquisition header separates them; export each volume as its own series",
-            )
-            return plan
-    origin = ipp[0]
-    if n < 2:
-        plan.affine = _ras_affine(u * dcol, v * drow, nrm * max(drow, dcol), origin)
-        plan.shape = (slices[0].cols, slices[0].rows, n)
-        return plan
-
-    # Gantry tilt: in-plane offset of each slice from the line through the first slice along the normal.
-    offsets = (ipp - origin) - np.outer(rel, nrm)
-    # Slice k sits at o_k in-plane from that line, so on the orthogonal grid new[i, j] = old[i - a_k, j - b_k]
-    # with (a_k, b_k) = (o_k.u / dcol, o_k.v / drow): the convention of _apply_inplane_shift.
-    shift = np.stack([(offsets @ u) / dcol, (offsets @ v) / drow], axis=1)
-    grow_lo = grow_hi = np.zeros(2, dtype=int)
-    if np.max(np.abs(shift)) > TILT_TOL_VOXELS:
-        span = np.linalg.norm(offsets[-1])
-        angle = float(np.degrees(np.arctan2(span, rel[-1]))) if rel[-1] > 0 else 90.0
-        # Margins that take in every shifted pixel centre: whole voxels, so the first slice stays on the
-        # lattice of the output grid (its pixels are copied, not interpolated).
-        grow_lo = np.maximum(np.ceil(-shift.min(axis=0) - TILT_TOL_VOXELS), 0).astype(int)
-        grow_hi = np.maximum(np.ceil(shift.max(axis=0) - TILT_TOL_VOXELS), 0).astype(int)
-        plan.inplane_shift = shift + grow_lo
-        plan.tilt_growth = tuple(int(g) for g in grow_lo + grow_hi)
-        plan.source_affine = _ras_affine(u * dcol, v * drow, (ipp[-1] - origin) / (n - 1), origin)
-        plan.source_shape = (slices[0].cols, slices[0].rows, n)
-        g0, g1 = plan.tilt_growth
-        c0, r0 = slices[0].cols, slices[0].rows
-        fill = f"{CT_BACKGROUND_HU:g} HU (air)" if modality == "CT" else "the volume minimum"
-        plan.warn(
-            "gantry_tilt",
-            f"slices sheared by {angle:.2f} degrees against the slice normal; each slice shifted in-plane "
-            f"onto an orthogonal grid (linear interpolation), enlarged by {g0 + g1} voxel(s) ({g0} along axis 0, "
-            f"{g1} along axis 1: {c0}x{r0} -> {c0 + g0}x{r0 + g1} in-plane) so that no pixel is cropped; "
-            f"voxels outside the source slices hold {fill}",
+    n_dup = int(np.sum(np.diff(rel) < DUPLICATE_TOL_MM))
+    if n_dup:
+        plan.reject(
+            "duplicate_positions",
+            f"{n_dup} slice(s) share a position with another slice and no echo/temporal/b-value/stack/"
+            "acquisition header separates them; export each volume as its own series",
         )
+        return None
+    return _Geometry(u=u, v=v, nrm=nrm, drow=float(drow), dcol=float(dcol), ipp=ipp, rel=rel)
 
+
+def _check_tilt(plan: SeriesPlan, geo: _Geometry) -> None:
+    """Gantry tilt: slices sheared in-plane against the normal by more than ``TILT_TOL_VOXELS``."""
+    n, first = len(plan.slices), plan.slices[0]
+    origin = geo.ipp[0]
+    # In-plane offset of each slice from the line through the first slice along the normal. Slice k sits
+    # at o_k, so on the orthogonal grid new[i, j] = old[i - a_k, j - b_k] with (a_k, b_k) =
+    # (o_k.u / dcol, o_k.v / drow): the convention of _apply_inplane_shift.
+    offsets = (geo.ipp - origin) - np.outer(geo.rel, geo.nrm)
+    shift = np.stack([(offsets @ geo.u) / geo.dcol, (offsets @ geo.v) / geo.drow], axis=1)
+    worst = float(np.max(np.abs(shift)))
+    if worst <= TILT_TOL_VOXELS:
+        if worst > NOTE_VOXELS:
+            plan.details["position_jitter_inplane"] = (
+                f"slice positions stray up to {worst:.3f} voxel in-plane from a straight stack (header rounding "
+                f"or an apparent shear; tolerance {TILT_TOL_VOXELS} voxel): written as is, like dcm2niix"
+            )
+        return
+    span = np.linalg.norm(offsets[-1])
+    angle = float(np.degrees(np.arctan2(span, geo.rel[-1]))) if geo.rel[-1] > 0 else 90.0
+    # Margins that take in every shifted pixel centre: whole voxels, so the first slice stays on the lattice
+    # of the output grid (its pixels are copied, not interpolated). A shift within GROWTH_ROUNDING_VOXELS of
+    # a whole voxel counts as that voxel: header rounding must not add a row of pure background.
+    geo.grow_lo = np.maximum(np.ceil(-shift.min(axis=0) - GROWTH_ROUNDING_VOXELS), 0).astype(int)
+    geo.grow_hi = np.maximum(np.ceil(shift.max(axis=0) - GROWTH_ROUNDING_VOXELS), 0).astype(int)
+    plan.inplane_shift = shift + geo.grow_lo
+    plan.tilt_growth = tuple(int(g) for g in geo.grow_lo + geo.grow_hi)
+    plan.source_affine = _ras_affine(geo.u * geo.dcol, geo.v * geo.drow, (geo.ipp[-1] - origin) / (n - 1), origin)
+    plan.source_shape = (first.cols, first.rows, n)
+    g0, g1 = plan.tilt_growth
+    c0, r0 = first.cols, first.rows
+    fill = f"{CT_BACKGROUND_HU:g} HU (air)" if plan.modality == "CT" else "the volume minimum"
+    plan.warn(
+        "gantry_tilt",
+        f"slices sheared by {angle:.2f} degrees against the slice normal; each slice shifted in-plane "
+        f"onto an orthogonal grid (linear interpolation), enlarged by {g0 + g1} voxel(s) ({g0} along axis 0, "
+        f"{g1} along axis 1: {c0}x{r0} -> {c0 + g0}x{r0 + g1} in-plane) so that no pixel is cropped; "
+        f"voxels outside the source slices hold {fill}",
+    )
+
+
+def _check_spacing(plan: SeriesPlan, geo: _Geometry) -> bool:
+    """Gaps reject the series; positions off a uniform grid by more than ``NON_UNIFORM_TOL_VOXELS`` of the
+    step are resampled to the median step. Sets ``geo.dz``; False when rejected."""
+    n, rel = len(plan.slices), geo.rel
     steps = np.diff(rel)
     med = float(np.median(steps))
     gaps = np.nonzero(steps > GAP_FACTOR * med)[0]
@@ -738,26 +744,38 @@ def check_series(cand: SeriesCandidate, *, min_slices: int = 3) -> SeriesPlan:
             f"{len(gaps)} gap(s) wider than {GAP_FACTOR}x the median step {med:.3f} mm: {desc}; "
             "re-export the complete series",
         )
-        return plan
+        return False
     dz = rel[-1] / (n - 1)
-    tol = max(NON_UNIFORM_REL_TOL * dz, NON_UNIFORM_ABS_TOL_MM)
     dev = float(np.max(np.abs(rel - dz * np.arange(n))))
-    if dev > tol:
-        n_out = int(np.floor(rel[-1] / med + 1e-6)) + 1
-        plan.target_positions = med * np.arange(n_out)
-        dz = med
-        plan.warn(
-            "non_uniform_spacing",
-            f"slice steps range {steps.min():.3f}-{steps.max():.3f} mm; positions deviate from a uniform grid "
-            f"by up to {dev:.3f} mm (tolerance max(1% of the step, 0.01 mm) = {tol:.3f} mm); resampled "
-            f"linearly to {n_out} slices at {med:.3f} mm",
-        )
+    if dev <= NON_UNIFORM_TOL_VOXELS * dz:
+        if dev > NOTE_VOXELS * dz:
+            plan.details["position_jitter_normal"] = (
+                f"slice positions stray up to {dev:.3f} mm ({dev / dz:.3f} slice) from a uniform grid (header "
+                f"rounding; tolerance {NON_UNIFORM_TOL_VOXELS} slice): stacked as is at {dz:.3f} mm, like dcm2niix"
+            )
+        geo.dz = dz
+        return True
+    n_out = int(np.floor(rel[-1] / med + 1e-6)) + 1
+    plan.target_positions = med * np.arange(n_out)
+    geo.dz = med
+    plan.warn(
+        "non_uniform_spacing",
+        f"slice steps range {steps.min():.3f}-{steps.max():.3f} mm; positions deviate from a uniform grid "
+        f"by up to {dev:.3f} mm ({dev / dz:.2f} slice; tolerance {NON_UNIFORM_TOL_VOXELS} slice = "
+        f"{NON_UNIFORM_TOL_VOXELS * dz:.3f} mm); resampled linearly to {n_out} slices at {med:.3f} mm",
+    )
+    return True
+
+
+def _set_output_grid(plan: SeriesPlan, geo: _Geometry) -> None:
+    """Affine and shape of the output grid (tilt margins and resampled slice count included)."""
+    first = plan.slices[0]
     # The tilt margin on the low side moves the origin; world coordinates of the first slice are unchanged.
-    out_origin = origin - grow_lo[0] * dcol * u - grow_lo[1] * drow * v
-    plan.affine = _ras_affine(u * dcol, v * drow, nrm * dz, out_origin)
-    n_out = n if plan.target_positions is None else len(plan.target_positions)
-    plan.shape = (slices[0].cols + int(grow_lo[0] + grow_hi[0]), slices[0].rows + int(grow_lo[1] + grow_hi[1]), n_out)
-    return plan
+    out_origin = geo.ipp[0] - geo.grow_lo[0] * geo.dcol * geo.u - geo.grow_lo[1] * geo.drow * geo.v
+    plan.affine = _ras_affine(geo.u * geo.dcol, geo.v * geo.drow, geo.nrm * geo.dz, out_origin)
+    n_out = len(plan.slices) if plan.target_positions is None else len(plan.target_positions)
+    growth = geo.grow_lo + geo.grow_hi
+    plan.shape = (first.cols + int(growth[0]), first.rows + int(growth[1]), n_out)
 
 
 def _ras_affine(ax0, ax1, ax2, origin) -> np.ndarray:

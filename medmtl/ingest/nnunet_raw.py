@@ -39,6 +39,8 @@ from typing import Callable, Mapping
 import nibabel as nib
 import numpy as np
 
+from medmtl.errors import IngestError
+from medmtl.ingest.common import SkippedFile
 from medmtl.ingest.dicom_seg import map_label_values
 from medmtl.ingest.dicom_series import LABEL_TOL_VOXELS, LabelError, SeriesReadError
 
@@ -49,7 +51,7 @@ _MR_NAME = re.compile(r"^(mri?|t1|t2|flair|pdw?|adc|dwi|swi|dce|hbv|qsm|b\d+)", 
 _IMAGE_NAME = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-class NnunetDatasetError(ValueError):
+class NnunetDatasetError(IngestError, ValueError):
     """``dataset.json`` cannot be used; the message names the file and the key and says what to do."""
 
 
@@ -84,15 +86,6 @@ class NnunetImage:
     image_path: Path
     label_path: Path | None
     split: str  # "Tr" or "Ts"
-
-
-@dataclass(frozen=True)
-class NnunetSkip:
-    """A file of the dataset that is not ingested, and why (``path`` is absolute; pseudonymize before use)."""
-
-    path: Path
-    reason: str
-    detail: str
 
 
 def is_nnunet_raw(folder: str | Path) -> bool:
@@ -173,11 +166,12 @@ def load_dataset(root: str | Path) -> NnunetDataset:
     return NnunetDataset(root=root, name=root.name, channels=channels, labels=labels, file_ending=ending, json_bytes=raw)
 
 
-def list_images(ds: NnunetDataset) -> tuple[list[NnunetImage], list[NnunetSkip]]:
+def list_images(ds: NnunetDataset) -> tuple[list[NnunetImage], list[SkippedFile]]:
     """Every CT/MR channel image of ``imagesTr/`` and ``imagesTs/`` with its label, and every file left out.
 
     Deterministic order (split, case, channel). Training images without a label are returned with
-    ``label_path=None``; labels without any image are listed as skipped.
+    ``label_path=None``; labels without any image are listed as skipped (absolute paths: pseudonymize
+    them with :func:`report_path` before reporting).
     """
     images, skipped = [], []
     used_labels: set[Path] = set()
@@ -191,15 +185,15 @@ def list_images(ds: NnunetDataset) -> tuple[list[NnunetImage], list[NnunetSkip]]
                 continue
             m = _IMAGE_NAME.match(p.name[: -len(ds.file_ending)]) if p.name.endswith(ds.file_ending) else None
             if m is None:
-                skipped.append(NnunetSkip(p, "not_nnunet_image", f"name is not <case>_<XXXX>{ds.file_ending}"))
+                skipped.append(SkippedFile(str(p), "not_nnunet_image", f"name is not <case>_<XXXX>{ds.file_ending}"))
                 continue
             case, channel = m["case"], int(m["channel"])
             if channel not in ds.channels:
-                skipped.append(NnunetSkip(p, "unknown_channel", f"channel {channel} is not in dataset.json channel_names"))
+                skipped.append(SkippedFile(str(p), "unknown_channel", f"channel {channel} is not in dataset.json channel_names"))
                 continue
             name, modality = ds.channels[channel]
             if modality is None:
-                skipped.append(NnunetSkip(p, "unsupported_channel", f"channel {channel} {name!r} is neither CT nor MR"))
+                skipped.append(SkippedFile(str(p), "unsupported_channel", f"channel {channel} {name!r} is neither CT nor MR"))
                 continue
             label = labels_dir / f"{case}{ds.file_ending}" if split == "Tr" else None
             if label is not None and not label.is_file():
@@ -210,7 +204,7 @@ def list_images(ds: NnunetDataset) -> tuple[list[NnunetImage], list[NnunetSkip]]
     if labels_dir.is_dir():
         for p in sorted(labels_dir.iterdir()):
             if p.is_file() and p not in used_labels:
-                skipped.append(NnunetSkip(p, "label_without_image", "no CT/MR image in imagesTr/ for this label"))
+                skipped.append(SkippedFile(str(p), "label_without_image", "no CT/MR image in imagesTr/ for this label"))
     return images, skipped
 
 

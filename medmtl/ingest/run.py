@@ -58,7 +58,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import gzip
 import hashlib
 import json
 import logging
@@ -76,13 +75,13 @@ import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
 from medmtl.ingest import nnunet_raw
+from medmtl.ingest.common import Findings, SkippedFile
 from medmtl.ingest.dicom_seg import SegHeader, SegPlacement, choose_part, place_seg, read_seg_header, read_seg_label
 from medmtl.ingest.dicom_series import (
     LABEL_TOL_VOXELS,
     LabelError,
     SeriesPlan,
     SeriesReadError,
-    SkippedFile,
     assemble_series,
     check_series,
     quiet_pydicom,
@@ -90,8 +89,10 @@ from medmtl.ingest.dicom_series import (
     resample_label_like,
     scan_file,
 )
-from medmtl.atomic import atomic_path, atomic_write_bytes
+from medmtl.atomic import atomic_write_bytes
 from medmtl.data.manifest import ManifestEntry, write_manifest
+from medmtl.errors import IngestError
+from medmtl.nifti import GZIP_LEVEL, write_nifti
 from medmtl.ingest.pseudonym import Pseudonymizer, load_or_create_secret
 
 try:
@@ -101,7 +102,7 @@ except ImportError:  # not POSIX: ingest runs without the DATA_DIR lock (see _da
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IngestError", "IngestReport", "LabelError", "SeriesRecord", "ingest", "write_nifti_atomic"]
+__all__ = ["IngestError", "IngestReport", "LabelError", "SeriesRecord", "ingest"]
 
 REPORT_NAME = "ingest_report.json"
 STATE_DIR = ".ingest_state"
@@ -109,17 +110,12 @@ LOCK_NAME = ".ingest.lock"
 # Bump when the conversion changes in a way that alters output bytes: forces a re-run to rewrite.
 # 2: gantry-tilted series are written on an enlarged grid (nothing cropped), background -1024 HU.
 CONVERSION_VERSION = 2
-GZIP_LEVEL = 1  # fast; level 6 saves ~10% more space at 3-4x the time on CT volumes
 
 Source = Literal["auto", "dicom", "nnunet"]
 
 
-class IngestError(RuntimeError):
-    """Bad input or unusable output location; the message names the path and what to do."""
-
-
 @dataclass
-class SeriesRecord:
+class SeriesRecord(Findings):
     """One series in the ingest report (no PHI: keys are pseudonyms, details are geometry and counts).
 
     ``status`` is ``accepted`` or ``rejected``; ``action`` says what this run did to an accepted series:
@@ -144,18 +140,10 @@ class SeriesRecord:
     orientation: str | None = None
     action: str | None = None
 
-    def reject(self, reason: str, detail: str) -> None:
+    def reject(self, name: str, detail: str) -> None:
         """Record a rejecting check (the series is not written)."""
         self.status = "rejected"
-        if reason not in self.reasons:
-            self.reasons.append(reason)
-        self.details[reason] = detail
-
-    def warn(self, name: str, detail: str) -> None:
-        """Record a correcting or flagging check."""
-        if name not in self.warnings:
-            self.warnings.append(name)
-        self.details[name] = detail
+        super().reject(name, detail)
 
 
 @dataclass
@@ -166,7 +154,7 @@ class IngestReport:
     """
 
     series: list[SeriesRecord] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
     source: str = "dicom"
 
     @property
@@ -187,7 +175,7 @@ class IngestReport:
             "n_rejected": self.n_rejected,
             "n_skipped_files": len(self.skipped),
             "series": [asdict(r) for r in self.series],
-            "skipped": list(self.skipped),
+            "skipped": [asdict(s) for s in self.skipped],
         }
 
     def to_json(self) -> str:
@@ -206,7 +194,7 @@ class IngestReport:
             ("labels", Counter(r.label_source or "unlabelled" for r in ok)),
             ("rejected", Counter(x for r in self.series if r.status == "rejected" for x in r.reasons)),
             ("warnings", Counter(x for r in self.series for x in r.warnings)),
-            ("skipped files", Counter(s["reason"] for s in self.skipped)),
+            ("skipped files", Counter(s.reason for s in self.skipped)),
         ):
             if counter:
                 lines.append(f"  {title}: " + ", ".join(f"{k} {v}" for k, v in sorted(counter.items())))
@@ -497,6 +485,15 @@ class _Job:
 
 def _dicom_jobs(export: Path, out: Path, pz: Pseudonymizer, labels_dir, names, scan_workers: int, min_slices: int, progress: bool):
     relpath = lambda p: pz.safe_relpath(p, export)  # noqa: E731
+    slices, segs, skipped = _scan_export(export, relpath, scan_workers, progress)
+    plans = [check_series(c, min_slices=min_slices) for c in assemble_series(slices)]
+    labels = _index_labels(labels_dir) if labels_dir is not None else {}
+    jobs = _plan_dicom_jobs(plans, labels, segs, names, pz, out, relpath, skipped)
+    return jobs, skipped
+
+
+def _scan_export(export: Path, relpath, scan_workers: int, progress: bool) -> tuple[list, list[SegHeader], list[SkippedFile]]:
+    """Every header of the export: ``(image slices, DICOM SEG headers, skipped files)``."""
     files = _discover(export)
     slices, skipped, seg_paths = [], [], []
     with ThreadPoolExecutor(scan_workers) as pool:
@@ -504,112 +501,152 @@ def _dicom_jobs(export: Path, out: Path, pz: Pseudonymizer, labels_dir, names, s
             if isinstance(res, SkippedFile) and res.reason == "dicom_seg":
                 seg_paths.append(res.path)
             elif isinstance(res, SkippedFile):
-                skipped.append({"path": relpath(res.path), "reason": res.reason, "detail": res.detail})
+                skipped.append(_reported(res, relpath))
             else:
                 slices.extend(res)
     segs = []
     for p in seg_paths:  # a handful per export: read serially
         h = read_seg_header(p)
         if isinstance(h, SkippedFile):
-            skipped.append({"path": relpath(h.path), "reason": h.reason, "detail": h.detail})
+            skipped.append(_reported(h, relpath))
         else:
             segs.append(h)
-    plans = [check_series(c, min_slices=min_slices) for c in assemble_series(slices)]
-    labels = _index_labels(labels_dir) if labels_dir is not None else {}
-    jobs = _plan_dicom_jobs(plans, labels, segs, names, pz, out, relpath, skipped)
-    return jobs, skipped
+    return slices, segs, skipped
+
+
+def _reported(skip: SkippedFile, relpath) -> SkippedFile:
+    """The skipped file with its path as the report shows it (relative to the export, pseudonymized)."""
+    return SkippedFile(relpath(skip.path), skip.reason, skip.detail)
 
 
 def _plan_dicom_jobs(plans, labels, segs: list[SegHeader], names, pz: Pseudonymizer, out: Path, relpath, skipped: list) -> list[_Job]:
+    """One job per checked series part: its record, how to read its image and label, and its source hash.
+
+    Steps: group the parts by SeriesInstanceUID, give each SEG to the series it references, then per UID
+    match the LABEL_DIR mask (which wins over SEGs) and the SEGs to its parts, and list unused masks.
+    """
     by_uid: dict[str, list[SeriesPlan]] = {}
     for p in plans:
         by_uid.setdefault(p.candidate.series_uid, []).append(p)
-    segs_by_uid: dict[str, list[SegHeader]] = defaultdict(list)
-    for seg in segs:
-        hits = [u for u in dict.fromkeys(seg.referenced_series) if u in by_uid]
-        if not hits:
-            skipped.append({"path": relpath(seg.path), "reason": "seg_without_series",
-                            "detail": "DICOM SEG that references no series of this export"})
-        for u in hits:
-            segs_by_uid[u].append(seg)
+    segs_by_uid = _segs_by_series(segs, by_uid, relpath, skipped)
     previous = {e.series_key: e for e in _read_state(out)}
     jobs = []
     for uid, group in by_uid.items():
         label_path = labels.get(uid)
         matches = _assign_labels(group, label_path) if label_path is not None else {}
-        seg_parts: dict[int, list[SegHeader]] = defaultdict(list)
-        superseded = []
-        for seg in segs_by_uid.get(uid, []):
-            if label_path is not None:
-                superseded.append(relpath(seg.path))
-                skipped.append({"path": relpath(seg.path), "reason": "seg_superseded",
-                                "detail": "a LABEL_DIR mask for the same series wins; this DICOM SEG was not read"})
-                continue
-            i = choose_part(seg, group)
-            if i is None:
-                skipped.append({"path": relpath(seg.path), "reason": "seg_series_rejected",
-                                "detail": "the series this DICOM SEG references was rejected (see its entry)"})
-            else:
-                seg_parts[i].append(seg)
+        seg_parts, superseded = _segs_by_part(segs_by_uid.get(uid, []), group, label_path is not None, relpath, skipped)
         for i, plan in enumerate(group):
-            cand = plan.candidate
-            key = pz.series_key(uid) + (f"-{cand.part}" if cand.n_parts > 1 else "")
-            pid = plan.slices[0].patient_id
-            if not pid:
-                plan.warn("missing_patient_id", "PatientID empty; case id derived from the study instead")
-            case = pz.case_id(pid) if pid else pz.case_id("study:" + plan.slices[0].study_uid)
-            rec = SeriesRecord(series_key=key, case_id=case, status="accepted", modality=plan.modality, n_slices=len(plan.slices))
-            job = _Job(record=rec, previous=previous.get(key), affine=plan.affine, shape=plan.shape)
-            job.read_image = lambda plan=plan: read_volume(plan, relpath=relpath)
-            label_hash_items = None
-            m = matches.get(i)
-            if isinstance(m, LabelError):
-                plan.reject(m.reason, f"label for {key}: {m}; fix or remove the label file (not resampled)")
-            elif m is not None:
-                trans, on_source = m
-                job.read_label = lambda lp=label_path, p=plan, t=trans, s=on_source, k=key: _load_label(lp, t, s, p, k)
-                rec.label_source = "label_dir"
-                st = label_path.stat()
-                label_hash_items = ["label_dir", pz.digest(str(label_path).encode()), st.st_size, st.st_mtime_ns]
-                if superseded:
-                    plan.warn("seg_superseded", f"the LABEL_DIR mask was used; {len(superseded)} DICOM SEG object(s) "
-                              f"referencing this series were not read: {', '.join(superseded)}")
-            part_segs = seg_parts.get(i, [])
-            if len(part_segs) > 1 and plan.accepted:
-                plan.reject("multiple_seg", f"{len(part_segs)} DICOM SEG objects reference this series "
-                            f"({', '.join(relpath(s.path) for s in part_segs)}); keep one in the export, or pass the "
-                            "chosen mask in LABEL_DIR (which wins over SEG)")
-            elif part_segs and plan.accepted:
-                seg = part_segs[0]
-                try:
-                    placement = place_seg(seg, plan, names.get(plan.modality), what=relpath(seg.path))
-                except LabelError as e:
-                    plan.reject(e.reason, f"label for {key}: {e}")
-                else:
-                    job.read_label = lambda p=placement, pl=plan, r=rec: _read_seg(p, pl, r, relpath)
-                    rec.label_source = "dicom_seg"
-                    rec.details["label_source"] = f"DICOM SEG {relpath(seg.path)}: {placement.rule}"
-                    if names.get(plan.modality) and not placement.by_name:
-                        plan.warn("labels_by_number", placement.rule)
-                    if seg.patient_id != pid:
-                        plan.warn("seg_patient_differs", f"DICOM SEG {relpath(seg.path)} names another PatientID than "
-                                  "the image; it was used because it references this series, check it belongs to it")
-                    label_hash_items = ["dicom_seg", relpath(seg.path), seg.file_size, seg.file_mtime_ns, sorted(placement.values.items())]
-            rec.warnings, rec.details = list(plan.warnings), {**plan.details, **rec.details}
-            if not plan.accepted:
-                rec.status, rec.reasons, rec.label_source = "rejected", list(plan.reasons), None
-                job.read_label = None
-            else:
-                job.source_hash = _source_hash(pz, [[relpath(s.path), s.frame, s.file_size, s.file_mtime_ns] for s in plan.slices], label_hash_items)
+            job = _new_series_job(plan, uid, pz, previous)
+            label_items = None
+            if i in matches:
+                label_items = _use_label_dir(job, plan, matches[i], label_path, superseded, pz)
+            if plan.accepted and seg_parts.get(i):
+                label_items = _use_seg(job, plan, seg_parts[i], names, relpath) or label_items
+            _finish_series_job(job, plan, pz, relpath, label_items)
             jobs.append(job)
     for uid, p in sorted(labels.items()):
         if uid not in by_uid:
-            skipped.append({
-                "path": "LABEL_DIR/" + pz.safe_relpath(p, p.parent),
-                "reason": "label_without_series",
-                "detail": "no series with this SeriesInstanceUID in the export (file name pseudonymized)",
-            })
+            skipped.append(SkippedFile(
+                "LABEL_DIR/" + pz.safe_relpath(p, p.parent), "label_without_series",
+                "no series with this SeriesInstanceUID in the export (file name pseudonymized)",
+            ))
     return jobs
+
+
+def _segs_by_series(segs: list[SegHeader], by_uid: dict, relpath, skipped: list) -> dict[str, list[SegHeader]]:
+    """``{SeriesInstanceUID: SEGs referencing it}``; a SEG referencing no series of the export is skipped."""
+    segs_by_uid: dict[str, list[SegHeader]] = defaultdict(list)
+    for seg in segs:
+        hits = [u for u in dict.fromkeys(seg.referenced_series) if u in by_uid]
+        if not hits:
+            skipped.append(SkippedFile(relpath(seg.path), "seg_without_series", "DICOM SEG that references no series of this export"))
+        for u in hits:
+            segs_by_uid[u].append(seg)
+    return segs_by_uid
+
+
+def _segs_by_part(segs: list[SegHeader], group: list[SeriesPlan], has_label_dir: bool, relpath, skipped: list):
+    """``({part index: SEGs}, superseded SEG paths)`` for the parts of one UID; a LABEL_DIR mask supersedes them all."""
+    seg_parts: dict[int, list[SegHeader]] = defaultdict(list)
+    superseded = []
+    for seg in segs:
+        if has_label_dir:
+            superseded.append(relpath(seg.path))
+            skipped.append(SkippedFile(relpath(seg.path), "seg_superseded",
+                                       "a LABEL_DIR mask for the same series wins; this DICOM SEG was not read"))
+            continue
+        i = choose_part(seg, group)
+        if i is None:
+            skipped.append(SkippedFile(relpath(seg.path), "seg_series_rejected",
+                                       "the series this DICOM SEG references was rejected (see its entry)"))
+        else:
+            seg_parts[i].append(seg)
+    return seg_parts, superseded
+
+
+def _new_series_job(plan: SeriesPlan, uid: str, pz: Pseudonymizer, previous: dict) -> _Job:
+    """The job of one series part with its pseudonymous key and case id, reading the image on demand."""
+    cand = plan.candidate
+    key = pz.series_key(uid) + (f"-{cand.part}" if cand.n_parts > 1 else "")
+    pid = plan.slices[0].patient_id
+    if not pid:
+        plan.warn("missing_patient_id", "PatientID empty; case id derived from the study instead")
+    case = pz.case_id(pid) if pid else pz.case_id("study:" + plan.slices[0].study_uid)
+    rec = SeriesRecord(series_key=key, case_id=case, status="accepted", modality=plan.modality, n_slices=len(plan.slices))
+    return _Job(record=rec, previous=previous.get(key), affine=plan.affine, shape=plan.shape)
+
+
+def _use_label_dir(job: _Job, plan: SeriesPlan, match, label_path: Path, superseded: list[str], pz: Pseudonymizer):
+    """Label the job with its LABEL_DIR mask (or reject it on a mismatch); returns the label's hash items."""
+    key = job.record.series_key
+    if isinstance(match, LabelError):
+        plan.reject(match.reason, f"label for {key}: {match}; fix or remove the label file (not resampled)")
+        return None
+    trans, on_source = match
+    job.read_label = lambda lp=label_path, p=plan, t=trans, s=on_source, k=key: _load_label(lp, t, s, p, k)
+    job.record.label_source = "label_dir"
+    if superseded:
+        plan.warn("seg_superseded", f"the LABEL_DIR mask was used; {len(superseded)} DICOM SEG object(s) "
+                  f"referencing this series were not read: {', '.join(superseded)}")
+    st = label_path.stat()
+    return ["label_dir", pz.digest(str(label_path).encode()), st.st_size, st.st_mtime_ns]
+
+
+def _use_seg(job: _Job, plan: SeriesPlan, part_segs: list[SegHeader], names, relpath):
+    """Label the job with the one DICOM SEG of its part (or reject it); returns the label's hash items."""
+    rec = job.record
+    if len(part_segs) > 1:
+        plan.reject("multiple_seg", f"{len(part_segs)} DICOM SEG objects reference this series "
+                    f"({', '.join(relpath(s.path) for s in part_segs)}); keep one in the export, or pass the "
+                    "chosen mask in LABEL_DIR (which wins over SEG)")
+        return None
+    seg = part_segs[0]
+    try:
+        placement = place_seg(seg, plan, names.get(plan.modality), what=relpath(seg.path))
+    except LabelError as e:
+        plan.reject(e.reason, f"label for {rec.series_key}: {e}")
+        return None
+    job.read_label = lambda p=placement, pl=plan, r=rec: _read_seg(p, pl, r, relpath)
+    rec.label_source = "dicom_seg"
+    rec.details["label_source"] = f"DICOM SEG {relpath(seg.path)}: {placement.rule}"
+    if names.get(plan.modality) and not placement.by_name:
+        plan.warn("labels_by_number", placement.rule)
+    if seg.patient_id != plan.slices[0].patient_id:
+        plan.warn("seg_patient_differs", f"DICOM SEG {relpath(seg.path)} names another PatientID than "
+                  "the image; it was used because it references this series, check it belongs to it")
+    return ["dicom_seg", relpath(seg.path), seg.file_size, seg.file_mtime_ns, sorted(placement.values.items())]
+
+
+def _finish_series_job(job: _Job, plan: SeriesPlan, pz: Pseudonymizer, relpath, label_items) -> None:
+    """Copy the plan's findings into the record; an accepted part gets its image reader and source hash."""
+    rec = job.record
+    rec.warnings, rec.details = list(plan.warnings), {**plan.details, **rec.details}
+    if not plan.accepted:
+        rec.status, rec.reasons, rec.label_source = "rejected", list(plan.reasons), None
+        job.read_label = None
+        return
+    job.read_image = lambda plan=plan: read_volume(plan, relpath=relpath)
+    job.source_hash = _source_hash(pz, [[relpath(s.path), s.frame, s.file_size, s.file_mtime_ns] for s in plan.slices], label_items)
 
 
 def _read_seg(placement: SegPlacement, plan: SeriesPlan, rec: SeriesRecord, relpath) -> np.ndarray:
@@ -628,7 +665,7 @@ def _nnunet_jobs(export: Path, out: Path, pz: Pseudonymizer, names, min_slices: 
     case_id = lambda case: pz.case_id(f"nnunet:{ds.name}:{case}")  # noqa: E731
     file_id = lambda name: "file-" + pz.digest(f"nnunet:{ds.name}:{name}".encode())[:12]  # noqa: E731
     rp = lambda path: nnunet_raw.report_path(ds, path, case_id, file_id)  # noqa: E731
-    skipped = [{"path": rp(s.path), "reason": s.reason, "detail": s.detail} for s in skips]
+    skipped = [SkippedFile(rp(Path(s.path)), s.reason, s.detail) for s in skips]
     luts = {}
     for modality in sorted({im.modality for im in images}):
         try:
@@ -721,8 +758,8 @@ def _convert(job: _Job, out: Path) -> tuple[SeriesRecord, ManifestEntry | None]:
     try:
         vol = job.read_image()
         lab = job.read_label() if job.read_label is not None else None
-        content_hash = write_nifti_atomic(out / image_rel, vol, job.affine)
-        label_hash = write_nifti_atomic(out / label_rel, lab, job.affine) if lab is not None else None
+        content_hash = write_nifti(out / image_rel, vol, job.affine)
+        label_hash = write_nifti(out / label_rel, lab, job.affine) if lab is not None else None
     except (SeriesReadError, LabelError) as e:
         rec.reject(e.reason, str(e))
         rec.output, rec.label, rec.label_source = None, None, None
@@ -796,47 +833,3 @@ def _drop_old_outputs(out: Path, state: Path, rec: SeriesRecord) -> None:
         pass
     state.unlink(missing_ok=True)
     rec.details["previous_output_removed"] = "an earlier ingest had accepted this series; its outputs were removed"
-
-
-# --------------------------------------------------------------------------------------------------
-# NIfTI writing
-
-
-class _HashingWriter:
-    """File wrapper that hashes what passes through (so the content hash costs no second read)."""
-
-    def __init__(self, f):
-        self._f, self.sha = f, hashlib.sha256()
-
-    def write(self, b) -> int:
-        self.sha.update(b)
-        return self._f.write(b)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
-def write_nifti_atomic(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> str:
-    """Write a gzipped NIfTI-1 file atomically and return ``"sha256:" + hex`` of its bytes.
-
-    The qform and sform both hold ``affine`` with code 1 (scanner anatomical), as dcm2niix writes them;
-    zooms are the column norms of ``affine``; units mm. gzip stores no file name and mtime 0, so the same
-    volume always gives the same bytes. Data go out slice by slice in Fortran order (no full copy).
-    """
-    path = Path(path)
-    hdr = nib.Nifti1Header()
-    hdr.set_data_dtype(data.dtype)
-    hdr.set_data_shape(data.shape)
-    hdr.set_qform(affine, code=1)
-    hdr.set_sform(affine, code=1)
-    hdr.set_zooms(tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0)))
-    hdr.set_xyzt_units("mm")
-    hdr.set_data_offset(352)
-    with atomic_path(path, suffix=".nii.gz") as tmp, open(tmp, "wb") as raw:
-        hw = _HashingWriter(raw)
-        with gzip.GzipFile(filename="", mode="wb", fileobj=hw, mtime=0, compresslevel=GZIP_LEVEL) as gz:
-            hdr.write_to(gz)
-            gz.write(b"\x00" * (352 - gz.tell()))
-            for k in range(data.shape[2]):
-                gz.write(data[:, :, k].tobytes(order="F"))
-    return "sha256:" + hw.sha.hexdigest()

@@ -123,7 +123,7 @@ def test_seg_becomes_the_label_voxel_for_voxel(seg_export):
     out, report = seg_export["out"], seg_export["report"]
     entries = {e.series_key: e for e in read_manifest(out)}
     assert len(entries) == 4 and report.n_accepted == 4
-    assert not [s for s in report.skipped if s["reason"].startswith("seg")]  # every SEG was used
+    assert not [s for s in report.skipped if s.reason.startswith("seg")]  # every SEG was used
     for uid, mask in seg_export["expected"].items():
         e = entries[_series_key(out, uid)]
         assert e.label_source == "dicom_seg"
@@ -247,7 +247,7 @@ def test_label_dir_mask_wins_over_seg_and_the_report_says_so(tmp_path):
     assert rec.label_source == "label_dir" and "seg_superseded" in rec.warnings
     np.testing.assert_array_equal(np.asanyarray(nib.load(str(tmp_path / "data" / rec.label)).dataobj), nifti_mask)
     (skip,) = report.skipped
-    assert skip["reason"] == "seg_superseded" and skip["path"] == "SEG/IM000001"
+    assert skip.reason == "seg_superseded" and skip.path == "SEG/IM000001"
     assert read_manifest(tmp_path / "data")[0].label_source == "label_dir"
 
 
@@ -336,8 +336,8 @@ def test_pydicom_seg_without_its_series_is_listed_not_used(tmp_path):
     shutil.copy(get_testdata_file("liver_1frame.dcm"), tmp_path / "export" / "SEG" / "seg.dcm")
     report = ingest(tmp_path / "export", tmp_path / "data", progress=False)
     assert report.n_accepted == 1 and report.series[0].label is None
-    assert report.skipped == [{"path": "SEG/seg.dcm", "reason": "seg_without_series",
-                               "detail": "DICOM SEG that references no series of this export"}]
+    assert report.to_dict()["skipped"] == [{"path": "SEG/seg.dcm", "reason": "seg_without_series",
+                                            "detail": "DICOM SEG that references no series of this export"}]
     assert all(s not in (tmp_path / "data" / "ingest_report.json").read_text() for s in phi_strings())
 
 

@@ -238,7 +238,7 @@ def test_bad_and_non_image_files_are_report_entries_never_crashes(tmp_path):
     bad_header = exp / "BADHDR"
     bad_header.write_bytes(good[0].read_bytes()[:200])  # cut inside the header
     report, _ = run(exp, tmp_path / "data")
-    reasons = {s["path"]: s["reason"] for s in report.skipped}
+    reasons = {s.path: s.reason for s in report.skipped}
     assert reasons["EMPTY"] == "empty_file"
     assert reasons["notes.txt"] == "not_dicom" and reasons["garbage.dcm"] == "not_dicom"
     assert reasons["SR/1"] == reasons["RT/1"] == reasons["PR/1"] == "non_image"
@@ -279,9 +279,9 @@ def test_pydicom_dicomdir_tree(tmp_path):
     assert reasons.count("unsupported_modality") == 3  # three CR images
     assert "missing_slices" in reasons  # CT2: 4 slices with a 200 mm gap
     assert set(reasons) <= {"unsupported_modality", "missing_slices", "localizer"}
-    skipped = {s["path"]: s["reason"] for s in report.skipped}
+    skipped = {s.path: s.reason for s in report.skipped}
     assert skipped["DICOMDIR"] == "dicomdir" and skipped["README.txt"] == "not_dicom"
-    detail = {s["path"]: s["detail"] for s in report.skipped}["DICOMDIR"]
+    detail = {s.path: s.detail for s in report.skipped}["DICOMDIR"]
     assert "listing 31 file(s)" in detail and "missing" not in detail
 
 

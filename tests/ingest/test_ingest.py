@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest_ingest import assert_same_world, dcm2niix_convert, phi_strings, write_non_image, write_series  # noqa: E402
 
 import medmtl.ingest.run as ingest_mod  # noqa: E402
+import medmtl.nifti as nifti_mod  # noqa: E402
 from medmtl.ingest.run import IngestError, ingest  # noqa: E402
 from medmtl.data.manifest import read_manifest  # noqa: E402
 from medmtl.ingest.pseudonym import SECRET_FILE_NAME  # noqa: E402
@@ -73,7 +74,7 @@ def test_accepts_every_volume_and_rejects_every_localizer(export, ingested):
     volumes = [s for s in export.series if not s.is_localizer]
     assert report.n_accepted == len(volumes) == 5
     assert sorted(r.reasons for r in report.series if r.status == "rejected") == [["localizer"]] * 2
-    assert {s["reason"] for s in report.skipped} == {"non_image", "empty_file"}
+    assert {s.reason for s in report.skipped} == {"non_image", "empty_file"}
     assert "5 series accepted" in report.summary()
 
 
@@ -177,36 +178,41 @@ def test_crash_mid_write_leaves_no_partial_file_and_resume_finishes(tmp_path, mo
     for i in range(3):
         write_series(exp / f"S{i}", n=5, rows=16, cols=16, origin=(0, 0, 20.0 * i), patient_id=f"P{i}", seed=i)
     out = tmp_path / "data"
-    real_write = ingest_mod.write_nifti_atomic
+    real_write = ingest_mod.write_nifti
     calls = {"n": 0}
 
     class Crash(Exception):
         pass
 
-    def crashing_write(path, data, affine):
+    def crashing_write(path, data, affine, **kw):
         calls["n"] += 1
         if calls["n"] == 2:
             calls["crashed"] = Path(path)
             # Die inside the gzip stream, after part of the volume went to disk.
-            real_gzip = ingest_mod.gzip.GzipFile
+            real_gzip = nifti_mod._gzip_writer
 
-            class Dying(real_gzip):
-                written = 0
+            def dying_gzip(fileobj, level):
+                gz = real_gzip(fileobj, level)
+                written = {"n": 0}
+                real_gz_write = gz.write
 
-                def write(self, b):
-                    Dying.written += len(b)
-                    if Dying.written > 1000:
+                def write(b):
+                    written["n"] += len(b)
+                    if written["n"] > 1000:
                         raise Crash()
-                    return super().write(b)
+                    return real_gz_write(b)
 
-            monkeypatch.setattr(ingest_mod.gzip, "GzipFile", Dying)
+                gz.write = write
+                return gz
+
+            monkeypatch.setattr(nifti_mod, "_gzip_writer", dying_gzip)
             try:
-                return real_write(path, data, affine)
+                return real_write(path, data, affine, **kw)
             finally:
-                monkeypatch.setattr(ingest_mod.gzip, "GzipFile", real_gzip)
-        return real_write(path, data, affine)
+                monkeypatch.setattr(nifti_mod, "_gzip_writer", real_gzip)
+        return real_write(path, data, affine, **kw)
 
-    monkeypatch.setattr(ingest_mod, "write_nifti_atomic", crashing_write)
+    monkeypatch.setattr(ingest_mod, "write_nifti", crashing_write)
     with pytest.raises(Crash):
         ingest(exp, out, progress=False, workers=1)
     images = sorted((out / "images").iterdir())
@@ -215,7 +221,7 @@ def test_crash_mid_write_leaves_no_partial_file_and_resume_finishes(tmp_path, mo
     assert 1 <= len(images) <= 2 and len(list((out / ".ingest_state").iterdir())) == len(images)
     for p in images:
         nib.load(str(p)).get_fdata()  # every file under a final name is complete
-    monkeypatch.setattr(ingest_mod, "write_nifti_atomic", real_write)
+    monkeypatch.setattr(ingest_mod, "write_nifti", real_write)
     report = ingest(exp, out, progress=False, workers=1)  # resumes: finished series are not redone
     actions = [r.action for r in report.series]
     assert actions.count("unchanged") == len(images) and actions.count("written") == 3 - len(images)
@@ -316,7 +322,7 @@ def test_uid_like_file_names_are_pseudonymized_in_the_report(tmp_path):
     write_non_image(tmp_path / "export" / uid_name, "SR")
     report = ingest(tmp_path / "export", tmp_path / "data", progress=False)
     (skip,) = report.skipped
-    assert skip["path"].startswith("uid-") and uid_name not in (tmp_path / "data" / "ingest_report.json").read_text()
+    assert skip.path.startswith("uid-") and uid_name not in (tmp_path / "data" / "ingest_report.json").read_text()
 
 
 def test_pydicom_warnings_with_values_do_not_reach_the_log(tmp_path, caplog):

@@ -114,8 +114,8 @@ def test_no_case_identifier_or_header_text_passes(dataset, tmp_path):
     (root / "imagesTr" / "notes_MRN0048213.txt").write_text("x")  # a stray file named after a patient
     out = tmp_path / "data"
     report = ingest(root, out, progress=False)
-    assert [s["reason"] for s in report.skipped] == ["not_nnunet_image"]
-    assert report.skipped[0]["path"].startswith("imagesTr/file-")
+    assert [s.reason for s in report.skipped] == ["not_nnunet_image"]
+    assert report.skipped[0].path.startswith("imagesTr/file-")
     for p in out.rglob("*"):
         if p.is_file() and p.name != SECRET_FILE_NAME:
             data = p.read_bytes()
@@ -139,7 +139,7 @@ def test_label_checked_in_world_space_and_files_without_partner_reported(dataset
     rejected = [r for r in report.series if r.status == "rejected"]
     assert [r.reasons for r in rejected] == [["label_mismatch"]]
     assert "0.500 voxels" in rejected[0].details["label_mismatch"] and "not resampled" in rejected[0].details["label_mismatch"]
-    assert [s["reason"] for s in report.skipped] == ["label_without_image"]
+    assert [s.reason for s in report.skipped] == ["label_without_image"]
     key = _key(out)
     e = {x.case_id: x for x in read_manifest(out)}[_hmac(key, f"nnunet:Dataset003_Liver:{CASES[0]}", "case-")]
     np.testing.assert_array_equal(np.asanyarray(nib.load(str(out / e.label)).dataobj), truth[CASES[0]][1])
@@ -152,7 +152,7 @@ def test_mr_channels_each_become_an_image_and_other_channels_are_listed(tmp_path
     report = ingest(root, out, progress=False)
     entries = read_manifest(out)
     assert sorted(e.modality for e in entries) == ["MR"] * 4  # 2 channels x (1 train + 1 test case)
-    assert sorted(s["reason"] for s in report.skipped) == ["unsupported_channel"] * 2
+    assert sorted(s.reason for s in report.skipped) == ["unsupported_channel"] * 2
     case = _hmac(_key(out), f"nnunet:Dataset010_Prostate:{CASES[0]}", "case-")
     mine = [e for e in entries if e.case_id == case]
     assert len(mine) == 2 and len({e.series_key for e in mine}) == 2
