@@ -62,8 +62,8 @@ therefore fractions of a voxel: a slice stacked as is lies at most 1/4 voxel fro
 the half-voxel within which nearest-neighbour resampling would not move it at all. Steps may differ from
 the median step by 1/5 of it: rounding to 0.1 mm moves a step by at most 0.1 mm and 0.07 mm jitter by 0.14
 mm, both within 1/5 of slices of 0.5 mm and 0.7 mm and up; a real change of step (a 6.5 mm step among 5 mm
-ones) is more, and is resampled as before. dcm2niix's own step rule (0.2 mm, below) is the same at 1 mm. The tools users compare
-with accept at least as much (read in the dcm2niix source, rordenlab/dcm2niix as of December 2024, and in
+ones) is more, and is resampled as before; dcm2niix's own step rule (0.2 mm, below) is the same at 1 mm.
+The tools users compare with accept at least as much (read in the dcm2niix source, rordenlab/dcm2niix as of December 2024, and in
 ITK's ImageSeriesReader; the tests compare with the dcm2niix wheel, v1.0.20260724):
 
 * dcm2niix estimates the gantry tilt from the first-to-last slice vector and treats it as zero while
