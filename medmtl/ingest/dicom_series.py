@@ -36,8 +36,10 @@ duplicate_positions    rejected, unless the duplicates are the same SOP instance
                        (echo, temporal position, b-value, stack, acquisition) separates them.
 missing_slices         rejected: a step between neighbouring slices is more than 1.5x the median step
                        (a missing slice or a gap); interpolating across it would invent anatomy.
-mixed_orientations     corrected (warning): one UID with several orientations/grids is split into
-                       several series (``series_key-1``, ``-2`` ...), each checked on its own.
+mixed_orientations     corrected (warning): one UID with several orientations is split into several
+                       series (``series_key-1``, ``-2`` ...), each checked on its own.
+mixed_geometry         corrected (warning): the same split when slices differ in Rows/Columns or
+                       PixelSpacing; the detail names the attribute and its values.
 gantry_tilt            corrected (warning): the slices are sheared against the normal by more than
                        ``TILT_TOL_VOXELS`` (1/4) of a pixel over the stack (straight-line fit of their
                        in-plane offsets), or one strays more than ``STRAY_TOL_VOXELS`` (1/2); each
@@ -120,6 +122,7 @@ SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 SEG_SOP_CLASSES = (SEGMENTATION_STORAGE, LABEL_MAP_SEGMENTATION_STORAGE)
 SUPPORTED_MODALITIES = ("CT", "MR")
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 
 LOCALIZER_IMAGE_TYPES = ("LOCALIZER", "SCOUT")
 # Orientation vectors closer than this (per component) are the same orientation.
@@ -319,18 +322,24 @@ def scan_file(path: str) -> list[SliceHeader] | SkippedFile:
                 f.seek(0)
                 ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
             pixel_offset = f.tell()
+            # stop_before_pixels leaves the file at the pixel data tag (7FE0,00xx), or at its end when the
+            # file has none: a slice without pixel data is not a truncated one.
+            # (A deflated data set is read through zlib: the file position says nothing there.)
+            meta = getattr(ds, "file_meta", None)
+            deflated = meta is not None and str(meta.get("TransferSyntaxUID", "")) == DEFLATED
+            has_pixel_tag = deflated or f.read(2) in (b"\xe0\x7f", b"\x7f\xe0")
     except PermissionError:
         return SkippedFile(path, "unreadable", "permission denied; make the export readable by this user")
     except Exception as e:  # pydicom raises many types on corrupt input; none may stop the ingest
         # The exception message may quote element values (PHI), so only its type is reported.
         return SkippedFile(path, "corrupt", f"header unreadable ({type(e).__name__})")
     try:
-        return _slices_from_header(path, ds, st, pixel_offset)
+        return _slices_from_header(path, ds, st, pixel_offset, has_pixel_tag)
     except Exception as e:
         return SkippedFile(path, "corrupt", f"malformed header ({type(e).__name__})")
 
 
-def _slices_from_header(path, ds, st, pixel_offset) -> list[SliceHeader] | SkippedFile:
+def _slices_from_header(path, ds, st, pixel_offset, has_pixel_tag=True) -> list[SliceHeader] | SkippedFile:
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
     if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
@@ -350,6 +359,8 @@ def _slices_from_header(path, ds, st, pixel_offset) -> list[SliceHeader] | Skipp
     rows, cols = int(ds.Rows), int(ds.Columns)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.get("BitsAllocated", 16) or 16)
+    if not has_pixel_tag and "PixelData" not in ds:
+        return SkippedFile(path, "no_pixel_data", f"{sop_name} with Rows/Columns but no PixelData element; re-export it")
     if _is_native(tsyntax) and "PixelData" not in ds:
         expected = rows * cols * n_frames * spp * bits // 8
         # stop_before_pixels leaves the file at the PixelData tag; a shorter file lost its pixel data.
@@ -529,20 +540,44 @@ def assemble_series(slices: list[SliceHeader]) -> list[SeriesCandidate]:
         parts = []
         for geo in _split_by_geometry(unique):
             parts.extend(_split_duplicates(geo))
-        n_geo_keys = len({_geometry_key(p[0]) for p in parts})
+        split_notes = _geometry_split_notes(parts)
         for i, part in enumerate(parts, 1):
             cand = SeriesCandidate(series_uid=uid, slices=part, part=i, n_parts=len(parts))
             if n_dup:
                 cand.warnings.append("duplicate_files")
                 cand.details["duplicate_files"] = f"{n_dup} file(s) repeat an instance already read; copies ignored"
-            if n_geo_keys > 1:
-                cand.warnings.append("mixed_orientations")
-                cand.details["mixed_orientations"] = (
-                    f"the source series held {n_geo_keys} different grids (orientation, rows/columns or pixel "
-                    f"spacing); split into {len(parts)} series checked separately"
-                )
+            for name, detail in split_notes.items():
+                cand.warnings.append(name)
+                cand.details[name] = detail
             out.append(cand)
     return out
+
+
+def _geometry_split_notes(parts: list[list[SliceHeader]]) -> dict[str, str]:
+    """Warnings for a UID split by geometry: ``mixed_orientations`` when orientations differ,
+    ``mixed_geometry`` naming the attribute (Rows/Columns, PixelSpacing) when the matrix or spacing does."""
+    keys = list(dict.fromkeys(_geometry_key(p[0]) for p in parts))
+    if len(keys) < 2:
+        return {}
+    notes = {}
+    fmt = {
+        "Rows/Columns": lambda k: f"{k[0]}x{k[1]}",
+        "PixelSpacing": lambda k: "x".join(f"{v:g}" for v in k[2]) if k[2] else "missing",
+    }
+    differing = [name for name, idx in (("Rows/Columns", (0, 1)), ("PixelSpacing", (2,)))
+                 if len({tuple(k[i] for i in idx) for k in keys}) > 1]
+    if differing:
+        values = "; ".join(f"{name} " + " vs ".join(dict.fromkeys(fmt[name](k) for k in keys)) for name in differing)
+        notes["mixed_geometry"] = (
+            f"slices of the source series differ in {' and '.join(differing)} ({values}); split into "
+            f"{len(parts)} series checked separately"
+        )
+    if len({k[3] for k in keys}) > 1:
+        notes["mixed_orientations"] = (
+            f"the source series held {len({k[3] for k in keys})} different orientations; split into {len(parts)} "
+            "series checked separately"
+        )
+    return notes
 
 
 def _drop_exact_duplicates(group):
@@ -834,7 +869,7 @@ def _ras_affine(ax0, ax1, ax2, origin) -> np.ndarray:
 
 def decoder_available(transfer_syntax: str) -> bool:
     """True when pydicom (with the installed plugins) can decode pixel data in this transfer syntax."""
-    if _is_native(transfer_syntax) or transfer_syntax == "1.2.840.10008.1.2.1.99":
+    if _is_native(transfer_syntax) or transfer_syntax == DEFLATED:
         return True
     try:
         from pydicom.pixels import get_decoder

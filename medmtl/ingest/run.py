@@ -37,7 +37,8 @@ What ingest does, in order:
 5. Writes ``images/<case_id>_<series_key>.nii.gz`` (and ``labels/...`` as uint8) atomically: temporary
    file in the same folder, fsync, ``os.replace``. gzip headers carry no name and no time, so the bytes
    are reproducible and their sha256 is the content hash.
-6. Writes ``manifest.jsonl`` (see :mod:`medmtl.data.manifest`) and ``ingest_report.json`` atomically.
+6. Writes ``manifest.jsonl`` (see :mod:`medmtl.data.manifest`) and ``ingest_report.json`` atomically; the
+   report keeps the latest results of every source ingested into ``DATA_DIR`` (:func:`merged_report`).
 
 Re-runs and resumes: after each series is written, its manifest entry is stored in
 ``DATA_DIR/.ingest_state/``. A re-run skips a series whose source files (paths, sizes, mtimes), label and
@@ -150,12 +151,15 @@ class SeriesRecord(Findings):
 class IngestReport:
     """What an ingest run accepted, rejected and skipped, written to ``DATA_DIR/ingest_report.json``.
 
-    ``source`` is ``dicom`` (a scanner export) or ``nnunet`` (an nnU-Net raw dataset).
+    ``source`` is ``dicom`` (a scanner export) or ``nnunet`` (an nnU-Net raw dataset); ``source_id`` a keyed
+    pseudonym of the source folder. The object holds this run's results; the file keeps every source's:
+    see :func:`merged_report`.
     """
 
     series: list[SeriesRecord] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
     source: str = "dicom"
+    source_id: str = ""
 
     @property
     def n_accepted(self) -> int:
@@ -171,11 +175,12 @@ class IngestReport:
         """JSON-ready dict of the whole report."""
         return {
             "source": self.source,
+            "source_id": self.source_id,
             "n_accepted": self.n_accepted,
             "n_rejected": self.n_rejected,
             "n_skipped_files": len(self.skipped),
-            "series": [asdict(r) for r in self.series],
-            "skipped": [asdict(s) for s in self.skipped],
+            "series": [{**asdict(r), "source_id": self.source_id} for r in self.series],
+            "skipped": [{**asdict(s), "source_id": self.source_id} for s in self.skipped],
         }
 
     def to_json(self) -> str:
@@ -198,8 +203,61 @@ class IngestReport:
         ):
             if counter:
                 lines.append(f"  {title}: " + ", ".join(f"{k} {v}" for k, v in sorted(counter.items())))
+        removed = sum("previous_output_removed" in r.details for r in self.series)
+        if removed:
+            lines.append(f"  previous_output_removed: {removed} series accepted by an earlier ingest and rejected now; "
+                         "their old images and labels were removed from the data folder and the manifest")
         lines.append(f"  details per series and file: {REPORT_NAME} beside the data")
         return "\n".join(lines)
+
+
+def merged_report(previous: dict | None, report: IngestReport) -> dict:
+    """The ``ingest_report.json`` content after ``report``'s run: this run's entries plus every other source's.
+
+    Several exports can be ingested into one DATA_DIR (the manifest holds them all), so the report keeps, per
+    source, the results of its latest run: entries of ``report.source_id`` are replaced, a series ingested
+    again from another source moves to it, everything else stays. Counts at the top cover all sources;
+    ``sources`` gives them per source (``source_id`` is a keyed pseudonym of the source folder).
+    """
+    now = report.to_dict()
+    keys = {r["series_key"] for r in now["series"]}
+    old = previous if isinstance(previous, dict) else {}
+    legacy = "sources" not in old  # written before reports kept their sources: one unnamed earlier source
+    tag = lambda e: e if e.get("source_id") else {**e, "source_id": "earlier-ingest"}  # noqa: E731
+    series = [tag(r) for r in old.get("series", []) if isinstance(r, dict) and r.get("series_key") not in keys
+              and r.get("source_id") != report.source_id] + now["series"]
+    skipped = [tag(x) for x in old.get("skipped", []) if isinstance(x, dict) and x.get("source_id") != report.source_id] + now["skipped"]
+    kinds = {} if legacy else {e.get("source_id"): e.get("source") for e in old.get("sources", []) if isinstance(e, dict)}
+    if legacy and (series or skipped):
+        kinds["earlier-ingest"] = old.get("source")
+    kinds[report.source_id] = report.source
+    sources = []
+    for sid, kind in kinds.items():
+        mine = [r for r in series if r["source_id"] == sid]
+        n_skip = sum(x["source_id"] == sid for x in skipped)
+        if mine or n_skip or sid == report.source_id:
+            sources.append({"source_id": sid, "source": kind, "n_accepted": sum(r.get("status") == "accepted" for r in mine),
+                            "n_rejected": sum(r.get("status") == "rejected" for r in mine), "n_skipped_files": n_skip})
+    return {
+        "source": report.source,
+        "source_id": report.source_id,
+        "n_accepted": sum(r.get("status") == "accepted" for r in series),
+        "n_rejected": sum(r.get("status") == "rejected" for r in series),
+        "n_skipped_files": len(skipped),
+        "sources": sources,
+        "series": series,
+        "skipped": skipped,
+    }
+
+
+def _read_previous_report(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable %s; it is rewritten with this run's results only", path.name)
+        return None
 
 
 def ingest(
@@ -247,6 +305,7 @@ def ingest(
             f"{export} is an nnU-Net raw dataset, whose labels are in labelsTr/; --labels applies to DICOM exports only."
         )
     names = {str(k).upper(): dict(v) for k, v in (label_names or {}).items()}
+    configured = label_names is not None
     n_cpu = os.cpu_count() or 1
     convert_workers = workers or n_cpu
 
@@ -257,7 +316,7 @@ def ingest(
             _remove_stale_temp_files(out / sub)
         with quiet_pydicom():
             if kind == "nnunet":
-                jobs, skipped = _nnunet_jobs(export, out, pz, names, min_slices)
+                jobs, skipped = _nnunet_jobs(export, out, pz, names, min_slices, configured)
             else:
                 jobs, skipped = _dicom_jobs(export, out, pz, labels_dir, names, workers or min(16, 4 * n_cpu), min_slices, progress)
             with ThreadPoolExecutor(convert_workers) as pool:
@@ -269,9 +328,11 @@ def ingest(
                     # are skipped when the ingest is run again.
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
-        report = IngestReport(series=[r for r, _ in results], skipped=skipped, source=kind)
+        report = IngestReport(series=[r for r, _ in results], skipped=skipped, source=kind,
+                              source_id="source-" + pz.digest(f"source:{kind}:{export}".encode())[:12])
         write_manifest(out, _read_state(out))
-        atomic_write_bytes(out / REPORT_NAME, report.to_json().encode("utf-8"))
+        merged = merged_report(_read_previous_report(out / REPORT_NAME), report)
+        atomic_write_bytes(out / REPORT_NAME, (json.dumps(merged, indent=2) + "\n").encode("utf-8"))
     log.info("%s", report.summary())
     return report
 
@@ -481,6 +542,9 @@ class _Job:
     read_label: Callable[[], np.ndarray] | None = None
     source_hash: str = ""
     previous: ManifestEntry | None = None
+    # ingest with a config: {value: class name} of the modality; a label holding other values is rejected
+    allowed_labels: Mapping[int, str] | None = None
+    label_what: str = "label"  # how messages name the label file (pseudonymized path)
 
 
 def _dicom_jobs(export: Path, out: Path, pz: Pseudonymizer, labels_dir, names, scan_workers: int, min_slices: int, progress: bool):
@@ -542,7 +606,7 @@ def _plan_dicom_jobs(plans, labels, segs: list[SegHeader], names, pz: Pseudonymi
                 label_items = _use_label_dir(job, plan, matches[i], label_path, superseded, pz)
             if plan.accepted and seg_parts.get(i):
                 label_items = _use_seg(job, plan, seg_parts[i], names, relpath) or label_items
-            _finish_series_job(job, plan, pz, relpath, label_items)
+            _finish_series_job(job, plan, pz, relpath, label_items, names)
             jobs.append(job)
     for uid, p in sorted(labels.items()):
         if uid not in by_uid:
@@ -604,6 +668,7 @@ def _use_label_dir(job: _Job, plan: SeriesPlan, match, label_path: Path, superse
         return None
     trans, on_source = match
     job.read_label = lambda lp=label_path, p=plan, t=trans, s=on_source, k=key: _load_label(lp, t, s, p, k)
+    job.label_what = f"label LABEL_DIR/{pz.safe_relpath(label_path, label_path.parent)} for {key}"
     job.record.label_source = "label_dir"
     if superseded:
         plan.warn("seg_superseded", f"the LABEL_DIR mask was used; {len(superseded)} DICOM SEG object(s) "
@@ -627,6 +692,7 @@ def _use_seg(job: _Job, plan: SeriesPlan, part_segs: list[SegHeader], names, rel
         plan.reject(e.reason, f"label for {rec.series_key}: {e}")
         return None
     job.read_label = lambda p=placement, pl=plan, r=rec: _read_seg(p, pl, r, relpath)
+    job.label_what = f"DICOM SEG {relpath(seg.path)} for {rec.series_key}"
     rec.label_source = "dicom_seg"
     rec.details["label_source"] = f"DICOM SEG {relpath(seg.path)}: {placement.rule}"
     if names.get(plan.modality) and not placement.by_name:
@@ -637,9 +703,10 @@ def _use_seg(job: _Job, plan: SeriesPlan, part_segs: list[SegHeader], names, rel
     return ["dicom_seg", relpath(seg.path), seg.file_size, seg.file_mtime_ns, sorted(placement.values.items())]
 
 
-def _finish_series_job(job: _Job, plan: SeriesPlan, pz: Pseudonymizer, relpath, label_items) -> None:
+def _finish_series_job(job: _Job, plan: SeriesPlan, pz: Pseudonymizer, relpath, label_items, names) -> None:
     """Copy the plan's findings into the record; an accepted part gets its image reader and source hash."""
     rec = job.record
+    job.allowed_labels = names.get(plan.modality)
     rec.warnings, rec.details = list(plan.warnings), {**plan.details, **rec.details}
     if not plan.accepted:
         rec.status, rec.reasons, rec.label_source = "rejected", list(plan.reasons), None
@@ -656,7 +723,39 @@ def _read_seg(placement: SegPlacement, plan: SeriesPlan, rec: SeriesRecord, relp
     return lab
 
 
-def _nnunet_jobs(export: Path, out: Path, pz: Pseudonymizer, names, min_slices: int):
+def _default_label_names() -> dict[str, dict[int, str]]:
+    """medmtl's default classes (``data.labels`` of a config with no overrides), keyed by upper-case modality."""
+    from medmtl.config import DataConfig
+
+    return {k.upper(): dict(v) for k, v in DataConfig().labels.items()}
+
+
+def _nnunet_luts(ds, export: Path, modalities, names, configured: bool) -> dict:
+    """Label value tables per modality. Without a config, labels are mapped by name to the default classes:
+    keeping dataset.json's numbers would silently swap organs (1 is spleen in many nnU-Net datasets, liver
+    here), so a dataset whose names do not all match is refused with the mapping it needs."""
+    if not configured:
+        names = _default_label_names()
+    luts = {}
+    for modality in sorted(modalities):
+        try:
+            lut, rule, by_name = nnunet_raw.label_lut(ds, names.get(modality))
+        except LabelError as e:
+            raise IngestError(f"{export / nnunet_raw.DATASET_JSON}: key 'labels': {e}.") from None
+        if not configured and not by_name:
+            listing = ", ".join(f"{v}: {n}" for v, n in sorted(ds.labels.items()))
+            defaults = ", ".join(f"{v}: {n}" for v, n in sorted(names.get(modality, {}).items()))
+            raise IngestError(
+                f"{export / nnunet_raw.DATASET_JSON}: key 'labels' names classes ({listing}) that are not medmtl's "
+                f"default {modality} classes ({defaults}), and keeping their numbers could swap organs silently; "
+                f"pass --config with data.labels.{modality.lower()} naming them, e.g. "
+                f"data.labels.{modality.lower()}: {{{listing}}}."
+            )
+        luts[modality] = (lut, rule, by_name)
+    return luts
+
+
+def _nnunet_jobs(export: Path, out: Path, pz: Pseudonymizer, names, min_slices: int, configured: bool = True):
     try:
         ds = nnunet_raw.load_dataset(export)
     except nnunet_raw.NnunetDatasetError as e:
@@ -666,12 +765,7 @@ def _nnunet_jobs(export: Path, out: Path, pz: Pseudonymizer, names, min_slices: 
     file_id = lambda name: "file-" + pz.digest(f"nnunet:{ds.name}:{name}".encode())[:12]  # noqa: E731
     rp = lambda path: nnunet_raw.report_path(ds, path, case_id, file_id)  # noqa: E731
     skipped = [SkippedFile(rp(Path(s.path)), s.reason, s.detail) for s in skips]
-    luts = {}
-    for modality in sorted({im.modality for im in images}):
-        try:
-            luts[modality] = nnunet_raw.label_lut(ds, names.get(modality))
-        except LabelError as e:
-            raise IngestError(f"{export / nnunet_raw.DATASET_JSON}: key 'labels': {e}.") from None
+    luts = _nnunet_luts(ds, export, {im.modality for im in images if im.label_path is not None}, names, configured)
     json_digest = pz.digest(ds.json_bytes)
     previous = {e.series_key: e for e in _read_state(out)}
     jobs = []
@@ -705,6 +799,8 @@ def _nnunet_jobs(export: Path, out: Path, pz: Pseudonymizer, names, min_slices: 
                 continue
             lut, rule, by_name = luts[im.modality]
             job.read_label = lambda p=im.label_path, t=trans, k=key, lut=lut: _load_label(p, t, False, None, k, lut=lut)
+            job.label_what = f"label {rp(im.label_path)}"
+            job.allowed_labels = names.get(im.modality) if configured else None
             rec.label_source = "nnunet"
             rec.details["label_source"] = f"nnU-Net {rp(im.label_path)}: {rule}"
             if names.get(im.modality) and not by_name:
@@ -758,6 +854,8 @@ def _convert(job: _Job, out: Path) -> tuple[SeriesRecord, ManifestEntry | None]:
     try:
         vol = job.read_image()
         lab = job.read_label() if job.read_label is not None else None
+        if lab is not None and job.allowed_labels is not None:
+            _check_label_values(lab, job.allowed_labels, job.label_what, rec.modality)
         content_hash = write_nifti(out / image_rel, vol, job.affine)
         label_hash = write_nifti(out / label_rel, lab, job.affine) if lab is not None else None
     except (SeriesReadError, LabelError) as e:
@@ -790,6 +888,22 @@ def _convert(job: _Job, out: Path) -> tuple[SeriesRecord, ManifestEntry | None]:
         label_source=rec.label_source,
     )
     return rec, entry
+
+
+def _check_label_values(lab: np.ndarray, allowed: Mapping[int, str], what: str, modality: str) -> None:
+    """Reject a label holding values other than background and the configured classes (``data.labels``).
+
+    Such voxels would be trained as background without a word.
+    """
+    counts = np.bincount(np.asarray(lab, dtype=np.uint8).ravel(order="K"), minlength=256)
+    bad = [int(v) for v in np.nonzero(counts)[0] if v != 0 and int(v) not in allowed]
+    if bad:
+        classes = ", ".join(f"{v} {n}" for v, n in sorted(allowed.items()))
+        raise LabelError(
+            "label_values",
+            f"{what} holds label value(s) {bad} ({int(counts[bad].sum())} voxels) outside data.labels.{modality.lower()} "
+            f"({classes}); fix the mask or add the classes to data.labels",
+        )
 
 
 def _up_to_date(job: _Job, out: Path, image_rel: str, label_rel: str | None) -> bool:

@@ -22,6 +22,7 @@ from pydicom.pixels import pack_bits
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest_ingest import phi_strings, write_series  # noqa: E402
 
+from medmtl.ingest.common import SkippedFile  # noqa: E402
 from medmtl.ingest.run import ingest  # noqa: E402
 from medmtl.data.manifest import read_manifest  # noqa: E402
 from medmtl.ingest.pseudonym import SECRET_FILE_NAME, Pseudonymizer  # noqa: E402
@@ -336,8 +337,7 @@ def test_pydicom_seg_without_its_series_is_listed_not_used(tmp_path):
     shutil.copy(get_testdata_file("liver_1frame.dcm"), tmp_path / "export" / "SEG" / "seg.dcm")
     report = ingest(tmp_path / "export", tmp_path / "data", progress=False)
     assert report.n_accepted == 1 and report.series[0].label is None
-    assert report.to_dict()["skipped"] == [{"path": "SEG/seg.dcm", "reason": "seg_without_series",
-                                            "detail": "DICOM SEG that references no series of this export"}]
+    assert report.skipped == [SkippedFile("SEG/seg.dcm", "seg_without_series", "DICOM SEG that references no series of this export")]
     assert all(s not in (tmp_path / "data" / "ingest_report.json").read_text() for s in phi_strings())
 
 
