@@ -214,7 +214,7 @@ def _interior(rows: int, cols: int) -> np.ndarray:
 
 def traps(work: Path) -> None:
     """Plant each trap in a small export, run both tools, print what each did and how its output sits in world space."""
-    sys.path.insert(0, str(ROOT / "tests" / "data"))
+    sys.path.insert(0, str(ROOT / "tests" / "ingest"))
     from conftest_ingest import CORONAL, write_series
     from pydicom.uid import generate_uid
 

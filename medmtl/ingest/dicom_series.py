@@ -99,6 +99,7 @@ and label agree on where data exist.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import warnings
@@ -123,6 +124,7 @@ LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 SEG_SOP_CLASSES = (SEGMENTATION_STORAGE, LABEL_MAP_SEGMENTATION_STORAGE)
 SUPPORTED_MODALITIES = ("CT", "MR")
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 
 LOCALIZER_IMAGE_TYPES = ("LOCALIZER", "SCOUT")
 # Orientation vectors closer than this (per component) are the same orientation.
@@ -190,6 +192,10 @@ class SliceHeader:
     split_values: tuple  # values of SPLIT_KEYS, same order
     file_size: int
     file_mtime_ns: int
+    # where the pixel values start in the file and their dtype, when they can be read without pydicom
+    data_offset: int | None = None
+    stored_dtype: str | None = None
+    bits_stored: int = 0
 
 
 @dataclass
@@ -327,16 +333,49 @@ def scan_file(path: str) -> list[SliceHeader] | SkippedFile:
             # (A deflated data set is read through zlib: the file position says nothing there.)
             meta = getattr(ds, "file_meta", None)
             deflated = meta is not None and str(meta.get("TransferSyntaxUID", "")) == DEFLATED
-            has_pixel_tag = deflated or f.read(2) in (b"\xe0\x7f", b"\x7f\xe0")
+            element = b"" if deflated else f.read(12)
+            has_pixel_tag = deflated or element[:2] in (b"\xe0\x7f", b"\x7f\xe0")
     except PermissionError:
         return SkippedFile(path, "unreadable", "permission denied; make the export readable by this user")
     except Exception as e:  # pydicom raises many types on corrupt input; none may stop the ingest
         # The exception message may quote element values (PHI), so only its type is reported.
         return SkippedFile(path, "corrupt", f"header unreadable ({type(e).__name__})")
     try:
-        return _slices_from_header(path, ds, st, pixel_offset, has_pixel_tag)
+        slices = _slices_from_header(path, ds, st, pixel_offset, has_pixel_tag)
+        if isinstance(slices, list) and len(slices) == 1 and has_pixel_tag and not deflated:
+            slices = [_with_raw_pixels(slices[0], ds, element, pixel_offset)]
+        return slices
     except Exception as e:
         return SkippedFile(path, "corrupt", f"malformed header ({type(e).__name__})")
+
+
+def _with_raw_pixels(s: SliceHeader, ds, element: bytes, pixel_offset: int) -> SliceHeader:
+    """``s`` with the byte offset and dtype of its pixel values when they can be read straight from the file.
+
+    Native little-endian, single frame, one sample of 8/16/32 bits, with a defined length covering the
+    frame: then :func:`read_volume` reads the values with one ``np.fromfile`` instead of parsing the file
+    again with pydicom (and masks unused high bits as pydicom does). Anything else keeps ``data_offset``
+    ``None`` and is decoded by pydicom.
+    """
+    if s.transfer_syntax not in (IMPLICIT_LE, EXPLICIT_LE) or s.samples_per_pixel != 1 or s.bits_allocated not in (8, 16, 32):
+        return s
+    if len(element) < 12 or element[:4] != b"\xe0\x7f\x10\x00":
+        return s
+    if s.transfer_syntax == EXPLICIT_LE and element[4:6] in (b"OB", b"OW", b"OD", b"OF", b"OL", b"UN"):
+        length, start = int.from_bytes(element[8:12], "little"), pixel_offset + 12
+    elif s.transfer_syntax == EXPLICIT_LE:
+        length, start = int.from_bytes(element[6:8], "little"), pixel_offset + 8
+    else:
+        length, start = int.from_bytes(element[4:8], "little"), pixel_offset + 8
+    nbytes = s.rows * s.cols * s.bits_allocated // 8
+    if length == 0xFFFFFFFF or length < nbytes or start + nbytes > s.file_size:
+        return s
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    bits_stored = int(ds.get("BitsStored", s.bits_allocated) or s.bits_allocated)
+    if not 0 < bits_stored <= s.bits_allocated:
+        return s
+    dtype = f"<{'i' if signed else 'u'}{s.bits_allocated // 8}"
+    return dataclasses.replace(s, data_offset=start, stored_dtype=dtype, bits_stored=bits_stored)
 
 
 def _slices_from_header(path, ds, st, pixel_offset, has_pixel_tag=True) -> list[SliceHeader] | SkippedFile:
@@ -883,13 +922,22 @@ def decoder_available(transfer_syntax: str) -> bool:
 # pixel data
 
 
-def read_volume(plan: SeriesPlan, *, relpath=lambda p: os.path.basename(p)) -> np.ndarray:
-    """Decode and stack the slices of an accepted plan into an ``(x, y, z)`` array on its output grid.
+def read_stored_volume(plan: SeriesPlan, *, relpath=lambda p: os.path.basename(p)) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Decode and stack the slices of an accepted plan into ``(stored (x, y, z) array, scl)`` on its output grid.
 
-    CT comes back in HU as int16 when every slope/intercept is integral and the values fit, else float32;
-    MR as float32 after the real-world value mapping when present, else the modality rescale. Gantry tilt
-    and non-uniform spacing corrections of the plan are applied here; voxels of the tilt-enlarged grid that
-    no source pixel covers hold ``CT_BACKGROUND_HU`` (CT) or the volume minimum (MR).
+    Storage (what ingest writes; readers see ``stored * scl_slope + scl_inter`` when ``scl`` is given, else
+    ``stored``), as dcm2niix does, float32 only where the values need it:
+
+    * every slice's rescale (MR: the real-world value mapping when present, else the modality rescale) has
+      an integral slope and intercept: the rescaled values (CT in HU) as int16, or int32 when they do not
+      fit; after a gantry-tilt or spacing correction (interpolated values) CT is rounded to int16 when it
+      fits (else float32) and MR is float32;
+    * one non-integral rescale for the whole series, no correction: the stored integers with ``scl``, when
+      nibabel's scaling of them gives exactly the float32 values of the rescale (checked; otherwise float32);
+    * else float32 rescaled values.
+
+    Voxels of the tilt-enlarged grid that no source pixel covers hold ``CT_BACKGROUND_HU`` (CT) or the
+    volume minimum (MR).
 
     Raises:
         SeriesReadError: a slice cannot be decoded (``unreadable_pixels``) or has the wrong size; the
@@ -898,41 +946,105 @@ def read_volume(plan: SeriesPlan, *, relpath=lambda p: os.path.basename(p)) -> n
     slices = plan.slices
     rows, cols = slices[0].rows, slices[0].cols
     is_ct = plan.modality == "CT"
-    integral = is_ct and all(
-        float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices
-    )
+    scales = [s.rwv if (not is_ct and s.rwv is not None) else (s.slope, s.intercept) for s in slices]
+    integral = all(float(a).is_integer() and float(b).is_integer() for a, b in scales)
+    corrected = plan.inplane_shift is not None or plan.target_positions is not None
+    pixels = _SlicePixels(relpath)
+    if not integral and not corrected and len(set(scales)) == 1:
+        raw = None
+        for k, s in enumerate(slices):
+            arr = pixels(s, rows, cols)
+            if raw is None:
+                raw = np.empty((cols, rows, len(slices)), dtype=arr.dtype, order="F")
+            raw[:, :, k] = arr.T
+        scl = _exact_scl(raw, *scales[0])
+        if scl is not None:
+            return raw, scl
+        return (raw.astype(np.float64) * scales[0][0] + scales[0][1]).astype(np.float32, order="F"), None
     vol = np.empty((cols, rows, len(slices)), dtype=np.int32 if integral else np.float32, order="F")
-    cache_path, cache_arr = None, None
-    for k, s in enumerate(slices):
-        if s.path != cache_path:
-            cache_path, cache_arr = s.path, _decode(s.path, relpath)
-        arr = cache_arr if s.frame is None else cache_arr[s.frame] if cache_arr.ndim == 3 else cache_arr
-        if arr.shape != (rows, cols):
-            raise SeriesReadError(
-                "unreadable_pixels", f"{relpath(s.path)}: pixel array {arr.shape} does not match Rows/Columns {(rows, cols)}"
-            )
-        if not is_ct and s.rwv is not None:
-            slope, inter = s.rwv
-        else:
-            slope, inter = s.slope, s.intercept
+    for k, (s, (slope, inter)) in enumerate(zip(slices, scales)):
+        arr = pixels(s, rows, cols)
         if integral:
-            vol[:, :, k] = (arr.astype(np.int32) * int(slope) + int(inter)).T
+            vol[:, :, k] = (arr.astype(np.int32) * int(slope) + int(inter)).T if slope != 1 else (arr.astype(np.int32) + int(inter)).T
         else:
             vol[:, :, k] = (arr.astype(np.float64) * slope + inter).T
     if plan.inplane_shift is not None:
-        if is_ct:
-            fill = CT_BACKGROUND_HU
-        else:
-            fill = float(vol.min()) if vol.size else 0.0
+        fill = CT_BACKGROUND_HU if is_ct else (float(vol.min()) if vol.size else 0.0)
         vol = _apply_inplane_shift(vol, plan.inplane_shift, plan.shape[:2], fill=fill, nearest=False)
     if plan.target_positions is not None:
         vol = _resample_along_normal(vol, plan.positions, plan.target_positions)
-    if integral:
-        lo, hi = (int(vol.min()), int(vol.max())) if vol.size else (0, 0)
-        if -32768 <= lo and hi <= 32767:
-            return np.asarray(np.rint(vol) if vol.dtype.kind == "f" else vol, dtype=np.int16, order="F")
-        return vol.astype(np.float32, order="F")
-    return vol.astype(np.float32, order="F", copy=False)
+    lo, hi = (vol.min(), vol.max()) if vol.size else (0, 0)
+    fits16 = -32768 <= lo and hi <= 32767
+    if integral and not corrected:
+        return vol.astype(np.int16 if fits16 else np.int32, order="F", copy=False), None
+    if integral and is_ct and fits16:
+        return np.asarray(np.rint(vol), dtype=np.int16, order="F"), None
+    return vol.astype(np.float32, order="F", copy=False), None
+
+
+def read_volume(plan: SeriesPlan, *, relpath=lambda p: os.path.basename(p)) -> np.ndarray:
+    """The values of :func:`read_stored_volume` (the rescale applied where it is kept in ``scl``)."""
+    vol, scl = read_stored_volume(plan, relpath=relpath)
+    if scl is None:
+        return vol
+    return (vol.astype(np.float32) * np.float32(scl[0]) + np.float32(scl[1])).astype(np.float32, order="F")
+
+
+def _exact_scl(raw: np.ndarray, slope: float, inter: float) -> tuple[float, float] | None:
+    """``(scl_slope, scl_inter)`` when a NIfTI reader (nibabel, as MONAI uses it) decodes ``raw`` with them to
+    exactly ``float32(raw * slope + inter)``, the values stored without them; else ``None``.
+
+    The header holds float32 slope and intercept, so the check decodes an in-memory NIfTI the way readers do.
+    """
+    import nibabel as nib
+
+    from medmtl.nifti import NIFTI_DATA_OFFSET, nifti_header
+
+    if raw.dtype.kind not in "iu" or not raw.size:
+        return None
+    scl = (float(np.float32(slope)), float(np.float32(inter)))
+    hdr = nifti_header(raw.shape, raw.dtype, np.eye(4), scl=scl)
+    blob = hdr.binaryblock + b"\0" * (NIFTI_DATA_OFFSET - len(hdr.binaryblock)) + raw.tobytes(order="F")
+    got = np.asanyarray(nib.Nifti1Image.from_bytes(blob).dataobj)
+    want = (raw.astype(np.float64) * slope + inter).astype(np.float32)
+    return scl if got.shape == want.shape and np.array_equal(got, want) else None
+
+
+class _SlicePixels:
+    """Stored pixel values of one slice as ``(rows, cols)``: one ``np.fromfile`` where the scan found a native
+    frame (unused high bits masked, signed values sign-extended, as pydicom does), else pydicom's decoder
+    (multi-frame files decoded once for all their frames)."""
+
+    def __init__(self, relpath):
+        self.relpath, self.cache_path, self.cache_arr = relpath, None, None
+
+    def __call__(self, s: SliceHeader, rows: int, cols: int) -> np.ndarray:
+        if s.data_offset is not None and s.stored_dtype is not None:
+            try:
+                arr = np.fromfile(s.path, dtype=s.stored_dtype, count=rows * cols, offset=s.data_offset)
+            except (OSError, ValueError) as e:
+                raise SeriesReadError(
+                    "unreadable_pixels", f"{self.relpath(s.path)}: pixel data cannot be read ({type(e).__name__}); re-export it"
+                ) from None
+            if arr.size != rows * cols:
+                raise SeriesReadError("unreadable_pixels", f"{self.relpath(s.path)}: pixel data cut short; re-export it")
+            arr = arr.reshape(rows, cols)
+            bits = 8 * arr.dtype.itemsize
+            if 0 < s.bits_stored < bits:
+                if arr.dtype.kind == "u":
+                    arr &= (1 << s.bits_stored) - 1
+                else:
+                    shift = bits - s.bits_stored
+                    arr = (arr << shift) >> shift
+            return arr.astype(arr.dtype.newbyteorder("="), copy=False)
+        if s.path != self.cache_path:
+            self.cache_path, self.cache_arr = s.path, _decode(s.path, self.relpath)
+        arr = self.cache_arr if s.frame is None else self.cache_arr[s.frame] if self.cache_arr.ndim == 3 else self.cache_arr
+        if arr.shape != (rows, cols):
+            raise SeriesReadError(
+                "unreadable_pixels", f"{self.relpath(s.path)}: pixel array {arr.shape} does not match Rows/Columns {(rows, cols)}"
+            )
+        return arr
 
 
 def _decode(path: str, relpath) -> np.ndarray:

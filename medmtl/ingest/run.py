@@ -86,7 +86,7 @@ from medmtl.ingest.dicom_series import (
     assemble_series,
     check_series,
     quiet_pydicom,
-    read_volume,
+    read_stored_volume,
     resample_label_like,
     scan_file,
 )
@@ -110,7 +110,8 @@ STATE_DIR = ".ingest_state"
 LOCK_NAME = ".ingest.lock"
 # Bump when the conversion changes in a way that alters output bytes: forces a re-run to rewrite.
 # 2: gantry-tilted series are written on an enlarged grid (nothing cropped), background -1024 HU.
-CONVERSION_VERSION = 2
+# 3: integer storage for MR too (int16/int32, or stored integers with scl_slope/scl_inter), same values.
+CONVERSION_VERSION = 3
 
 Source = Literal["auto", "dicom", "nnunet"]
 
@@ -538,7 +539,7 @@ class _Job:
     record: SeriesRecord
     affine: np.ndarray | None = None
     shape: tuple[int, int, int] | None = None
-    read_image: Callable[[], np.ndarray] | None = None
+    read_image: Callable[[], tuple[np.ndarray, tuple[float, float] | None]] | None = None  # (stored array, scl)
     read_label: Callable[[], np.ndarray] | None = None
     source_hash: str = ""
     previous: ManifestEntry | None = None
@@ -712,7 +713,7 @@ def _finish_series_job(job: _Job, plan: SeriesPlan, pz: Pseudonymizer, relpath, 
         rec.status, rec.reasons, rec.label_source = "rejected", list(plan.reasons), None
         job.read_label = None
         return
-    job.read_image = lambda plan=plan: read_volume(plan, relpath=relpath)
+    job.read_image = lambda plan=plan: read_stored_volume(plan, relpath=relpath)
     job.source_hash = _source_hash(pz, [[relpath(s.path), s.frame, s.file_size, s.file_mtime_ns] for s in plan.slices], label_items)
 
 
@@ -783,7 +784,7 @@ def _nnunet_jobs(export: Path, out: Path, pz: Pseudonymizer, names, min_slices: 
         if min(job.shape) < min_slices:
             rec.reject("too_few_slices", f"{rp(im.image_path)}: shape {job.shape}; at least {min_slices} voxels per axis are needed for a volume")
             continue
-        job.read_image = lambda p=im.image_path: nnunet_raw.read_image(p)
+        job.read_image = lambda p=im.image_path: (nnunet_raw.read_image(p), None)
         st = im.image_path.stat()
         items = [[rp(im.image_path), st.st_size, st.st_mtime_ns]]
         if im.label_path is None:
@@ -852,11 +853,11 @@ def _convert(job: _Job, out: Path) -> tuple[SeriesRecord, ManifestEntry | None]:
         log.info("series %s unchanged", rec.series_key)
         return rec, job.previous
     try:
-        vol = job.read_image()
+        vol, scl = job.read_image()
         lab = job.read_label() if job.read_label is not None else None
         if lab is not None and job.allowed_labels is not None:
             _check_label_values(lab, job.allowed_labels, job.label_what, rec.modality)
-        content_hash = write_nifti(out / image_rel, vol, job.affine)
+        content_hash = write_nifti(out / image_rel, vol, job.affine, scl=scl)
         label_hash = write_nifti(out / label_rel, lab, job.affine) if lab is not None else None
     except (SeriesReadError, LabelError) as e:
         rec.reject(e.reason, str(e))

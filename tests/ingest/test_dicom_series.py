@@ -174,21 +174,46 @@ def test_several_patients_in_one_series_rejected(tmp_path):
     assert "multiple_patients" in rec.reasons
 
 
-def test_ct_in_hu_int16_or_float32_and_mr_real_world_values(tmp_path):
+def test_integer_storage_with_the_rescale_in_the_header_where_needed(tmp_path):
     ct = write_series(tmp_path / "export" / "CT", intercept=-1024)
     ct_frac = write_series(tmp_path / "export" / "CTF", slope=0.5, intercept=-1000, origin=(0, 0, 0))
     rwv = pydicom.Dataset()
     rwv.RealWorldValueSlope, rwv.RealWorldValueIntercept = 0.25, 3.0
     mr = write_series(tmp_path / "export" / "MR", modality="MR", slope=2, intercept=0, origin=(5, 5, 5),
                       extra={"RealWorldValueMappingSequence": pydicom.Sequence([rwv])})
+    mr_plain = write_series(tmp_path / "export" / "MRP", modality="MR", slope=1, intercept=0, origin=(9, 9, 9))
+    third = pydicom.Dataset()
+    third.RealWorldValueSlope, third.RealWorldValueIntercept = 1 / 3, 0.1  # not exact in a float32 header
+    mr_third = write_series(tmp_path / "export" / "MR3", modality="MR", origin=(14, 14, 14),
+                            extra={"RealWorldValueMappingSequence": pydicom.Sequence([third])})
     report, _ = run(tmp_path / "export", tmp_path / "data")
-    out = {r.n_slices and r.modality + str(nib.load(str(tmp_path / "data" / r.output)).get_data_dtype()): r for r in accepted(report)}
-    assert set(out) == {"CTint16", "CTfloat32", "MRfloat32"}
-    assert_world_match(tmp_path / "data" / out["CTint16"].output, ct)
-    assert_world_match(tmp_path / "data" / out["CTfloat32"].output, ct_frac)
-    data = np.asanyarray(nib.load(str(tmp_path / "data" / out["MRfloat32"].output)).dataobj)
+    stored_as = {}
+    for r in accepted(report):
+        img = nib.load(str(tmp_path / "data" / r.output))
+        slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)  # nibabel moves scl_* to the proxy
+        stored_as[r.output] = (str(img.get_data_dtype()), slope, inter)
+    got = list(stored_as.values())
+    # CT in HU and plain MR: int16 without scaling; a fractional rescale that a float32 header holds exactly:
+    # the stored integers with scl_slope/scl_inter (as dcm2niix); one it cannot hold exactly: float32
+    assert sorted(got, key=repr) == sorted([("int16", 1.0, 0.0), ("int16", 0.5, -1000.0), ("int16", 0.25, 3.0),
+                                            ("int16", 1.0, 0.0), ("float32", 1.0, 0.0)], key=repr)
+    outs = {r.n_slices and r.output: r for r in accepted(report)}
+    for files in (ct, ct_frac):
+        (match,) = [o for o in outs if _same_series(tmp_path / "data" / o, files)]
+        assert_world_match(tmp_path / "data" / match, files)
+    (mr_out,) = [o for o in outs if stored_as[o][1] == 0.25]
+    data = np.asanyarray(nib.load(str(tmp_path / "data" / mr_out)).dataobj)
     stored = pydicom.dcmread(mr[0]).pixel_array.T
-    np.testing.assert_allclose(data[:, :, 0], stored * 0.25 + 3.0)  # RWV mapping wins over RescaleSlope
+    np.testing.assert_array_equal(data[:, :, 0], (stored * 0.25 + 3.0).astype(np.float32))  # RWV mapping wins over RescaleSlope
+    (third_out,) = [o for o in outs if stored_as[o][0] == "float32"]
+    data = np.asanyarray(nib.load(str(tmp_path / "data" / third_out)).dataobj)
+    np.testing.assert_array_equal(data[:, :, 0], (pydicom.dcmread(mr_third[0]).pixel_array.T * (1 / 3) + 0.1).astype(np.float32))
+
+
+def _same_series(nifti: Path, files) -> bool:
+    img = nib.load(str(nifti))
+    ipp = np.array([float(x) for x in pydicom.dcmread(files[0], stop_before_pixels=True).ImagePositionPatient])
+    return bool(np.allclose(img.affine[:3, 3], ipp * np.array([-1, -1, 1]), atol=1e-3))
 
 
 @pytest.mark.parametrize(
@@ -312,13 +337,13 @@ def test_pydicom_truncated_and_non_image_files():
 NIBABEL_DATA = Path(nib.__file__).parent / "nicom" / "tests" / "data"
 
 
-def test_nibabel_rescale_file_gives_float_mr():
+def test_nibabel_rescale_file_gives_the_rescaled_mr_values_as_integers():
     slices = scan_file(str(NIBABEL_DATA / "decimal_rescale.dcm"))
     plan = check_series(SeriesCandidate(series_uid="x", slices=slices))
     vol = read_volume(plan)
     ds = pydicom.dcmread(NIBABEL_DATA / "decimal_rescale.dcm")
-    assert vol.dtype == np.float32
-    np.testing.assert_allclose(vol[:, :, 0], ds.pixel_array.T * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+    assert vol.dtype == np.int16  # RescaleSlope 2, RescaleIntercept -4096: integral, so stored as integers
+    np.testing.assert_array_equal(vol[:, :, 0], ds.pixel_array.T * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
 
 
 @pytest.mark.skipif(not (NIBABEL_DATA / "philips_mprage.dcm.gz").exists(), reason="nibabel test data not shipped")

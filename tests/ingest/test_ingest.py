@@ -101,7 +101,9 @@ def test_images_and_labels_sit_where_the_generator_put_them(export, ingested):
         assert lab.get_data_dtype() == np.uint8
         np.testing.assert_allclose(lab.affine, img.affine)
         np.testing.assert_array_equal(np.asanyarray(lab.dataobj), np.asanyarray(nib.load(str(s.label_path)).dataobj))
-        assert img.get_data_dtype() == (np.int16 if s.modality == "CT" else np.float32)
+        # integers as stored (CT in HU): the synthetic rescales are integral, so no float32 and no scl_slope
+        assert img.get_data_dtype() in ((np.int16,) if s.modality == "CT" else (np.int16, np.int32))
+        assert float(img.dataobj.slope) == 1.0 and float(img.dataobj.inter) == 0.0
 
 
 def test_world_coordinates_agree_with_dcm2niix(export, ingested, tmp_path):
@@ -166,7 +168,7 @@ def test_rerun_does_no_work(export, ingested, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("re-run decoded pixel data")
 
-    monkeypatch.setattr(ingest_mod, "read_volume", boom)
+    monkeypatch.setattr(ingest_mod, "read_stored_volume", boom)
     report = ingest(export.export_dir, out, labels_dir=export.labels_dir, progress=False, workers=2)
     assert {r.action for r in report.series if r.status == "accepted"} == {"unchanged"}
     assert {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes
