@@ -13,7 +13,7 @@ What it writes, and why:
   installed, else from zlib; both are plain RFC 1952 gzip that any reader (nibabel, ITK, FSL, ``gunzip``)
   decodes. ``.nii``: uncompressed.
 * Atomically (:func:`medmtl.atomic.atomic_path`): a reader sees the old file or the complete new one.
-  Data go out slice by slice in Fortran order (no full copy of the volume).
+  Data go out in slabs in Fortran order (no full copy of the volume).
 """
 
 from __future__ import annotations
@@ -104,9 +104,11 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, *
         try:
             out.write(hdr.binaryblock)
             out.write(b"\x00" * (NIFTI_DATA_OFFSET - len(hdr.binaryblock)))
-            if data.ndim == 3:
-                for k in range(data.shape[2]):
-                    out.write(data[:, :, k].tobytes(order="F"))
+            if data.ndim == 3 and data.shape[2]:
+                # slabs of a few MiB: a Fortran-ordered volume (ingest's) goes out without any copy
+                step = max(1, (4 << 20) // max(1, data[:, :, 0].nbytes))
+                for k in range(0, data.shape[2], step):
+                    out.write(memoryview(data[:, :, k:k + step].ravel(order="F")).cast("B"))
             else:
                 out.write(data.tobytes(order="F"))
         finally:

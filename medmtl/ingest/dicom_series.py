@@ -936,38 +936,41 @@ def read_stored_volume(plan: SeriesPlan, *, relpath=lambda p: os.path.basename(p
       nibabel's scaling of them gives exactly the float32 values of the rescale (checked; otherwise float32);
     * else float32 rescaled values.
 
-    Voxels of the tilt-enlarged grid that no source pixel covers hold ``CT_BACKGROUND_HU`` (CT) or the
-    volume minimum (MR).
+    Slices are stacked as they lie in the files, ``(slices, rows, cols)``: transposed, that is the NIfTI voxel
+    order, so the returned ``(x, y, z)`` array is a Fortran-ordered view and nothing is copied to reorder it.
+    Voxels of the tilt-enlarged grid that no source pixel covers hold ``CT_BACKGROUND_HU`` (CT) or the volume
+    minimum (MR).
 
     Raises:
         SeriesReadError: a slice cannot be decoded (``unreadable_pixels``) or has the wrong size; the
             message names the file via ``relpath`` (so the caller controls what the report shows).
     """
     slices = plan.slices
-    rows, cols = slices[0].rows, slices[0].cols
     is_ct = plan.modality == "CT"
     scales = [s.rwv if (not is_ct and s.rwv is not None) else (s.slope, s.intercept) for s in slices]
     integral = all(float(a).is_integer() and float(b).is_integer() for a, b in scales)
     corrected = plan.inplane_shift is not None or plan.target_positions is not None
-    pixels = _SlicePixels(relpath)
-    if not integral and not corrected and len(set(scales)) == 1:
-        raw = None
-        for k, s in enumerate(slices):
-            arr = pixels(s, rows, cols)
-            if raw is None:
-                raw = np.empty((cols, rows, len(slices)), dtype=arr.dtype, order="F")
-            raw[:, :, k] = arr.T
-        scl = _exact_scl(raw, *scales[0])
-        if scl is not None:
-            return raw, scl
-        return (raw.astype(np.float64) * scales[0][0] + scales[0][1]).astype(np.float32, order="F"), None
-    vol = np.empty((cols, rows, len(slices)), dtype=np.int32 if integral else np.float32, order="F")
-    for k, (s, (slope, inter)) in enumerate(zip(slices, scales)):
-        arr = pixels(s, rows, cols)
+    raw = _read_raw_stack(slices, relpath)  # (z, rows, cols)
+    if len(set(scales)) == 1 and not corrected:
+        slope, inter = scales[0]
         if integral:
-            vol[:, :, k] = (arr.astype(np.int32) * int(slope) + int(inter)).T if slope != 1 else (arr.astype(np.int32) + int(inter)).T
+            stored = _rescale_integers(raw, int(slope), int(inter))
+            if stored is not None:
+                return stored.transpose(2, 1, 0), None
         else:
-            vol[:, :, k] = (arr.astype(np.float64) * slope + inter).T
+            scl = _exact_scl(raw.transpose(2, 1, 0), slope, inter)
+            if scl is not None:
+                return raw.transpose(2, 1, 0), scl
+        values = np.multiply(raw, slope, dtype=np.float64)
+        values += inter
+        return values.astype(np.float32).transpose(2, 1, 0), None
+    vals = np.empty(raw.shape, dtype=np.int32 if integral else np.float32)
+    for k, (slope, inter) in enumerate(scales):
+        if integral:
+            vals[k] = raw[k].astype(np.int32) * int(slope) + int(inter)
+        else:
+            vals[k] = raw[k].astype(np.float64) * slope + inter
+    vol = vals.transpose(2, 1, 0)
     if plan.inplane_shift is not None:
         fill = CT_BACKGROUND_HU if is_ct else (float(vol.min()) if vol.size else 0.0)
         vol = _apply_inplane_shift(vol, plan.inplane_shift, plan.shape[:2], fill=fill, nearest=False)
@@ -980,6 +983,44 @@ def read_stored_volume(plan: SeriesPlan, *, relpath=lambda p: os.path.basename(p
     if integral and is_ct and fits16:
         return np.asarray(np.rint(vol), dtype=np.int16, order="F"), None
     return vol.astype(np.float32, order="F", copy=False), None
+
+
+def _rescale_integers(raw: np.ndarray, slope: int, inter: int) -> np.ndarray | None:
+    """``raw * slope + inter`` as int16 when every value fits, else int32; ``None`` when not even int32 holds them.
+
+    Computed in the output type: two's-complement wrap-around is arithmetic modulo 2^bits, so the result is
+    exact whenever the true value fits, whatever the intermediate steps do.
+    """
+    if raw.dtype == np.int16 and slope == 1 and inter == 0:
+        return raw
+    if not raw.size:
+        return raw.astype(np.int16)
+    ends = sorted(int(v) * slope + inter for v in (raw.min(), raw.max()))
+    for dtype in (np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= ends[0] and ends[1] <= info.max:
+            out = raw.astype(dtype)
+            if slope != 1:
+                out *= np.array(slope).astype(dtype)
+            if inter:
+                out += np.array(inter).astype(dtype)
+            return out
+    return None
+
+
+def _read_raw_stack(slices: list[SliceHeader], relpath) -> np.ndarray:
+    """The stored values of every slice, stacked ``(slices, rows, cols)`` in file layout (C order)."""
+    rows, cols = slices[0].rows, slices[0].cols
+    pixels = _SlicePixels(relpath)
+    raw = None
+    for k, s in enumerate(slices):
+        arr = pixels(s, rows, cols)
+        if raw is None:
+            raw = np.empty((len(slices), rows, cols), dtype=arr.dtype)
+        elif not np.can_cast(arr.dtype, raw.dtype, casting="safe"):  # slices stored differently (rare)
+            raw = raw.astype(np.promote_types(raw.dtype, arr.dtype))
+        raw[k] = arr
+    return raw
 
 
 def read_volume(plan: SeriesPlan, *, relpath=lambda p: os.path.basename(p)) -> np.ndarray:
