@@ -102,6 +102,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import struct
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -109,6 +110,8 @@ from typing import Iterator
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
@@ -349,6 +352,45 @@ def scan_file(path: str) -> list[SliceHeader] | SkippedFile:
         return SkippedFile(path, "corrupt", f"malformed header ({type(e).__name__})")
 
 
+class _HeaderValues:
+    """``get(keyword, default)`` of a header read by pydicom, decoding the charset-independent value
+    representations (UI, CS, DS, IS, US, SS, UL, SL, FD, FL) straight from pydicom's raw elements.
+
+    pydicom converts a raw element on first access through several layers (character set, validation,
+    value objects), which costs as much as reading the file; these VRs are ASCII or binary by the standard,
+    so their bytes are decoded here: strings without their trailing padding, multi-values split at ``\\`` into lists,
+    binary numbers unpacked in the file's byte order. Anything else (text in a character set, sequences,
+    elements pydicom already converted) goes through ``ds.get``, so values are what pydicom would give.
+    """
+
+    _STRING_VRS = ("UI", "CS", "DS", "IS")
+    _BINARY_VRS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FD": "d", "FL": "f"}
+
+    def __init__(self, ds):
+        self.ds = ds
+        self._elements = getattr(ds, "_dict", None)
+
+    def get(self, keyword: str, default=None):
+        """Value of the element named ``keyword`` (a list for several values), ``default`` when absent."""
+        tag = tag_for_keyword(keyword)
+        elem = self._elements.get(tag) if self._elements is not None and tag is not None else None
+        if not isinstance(elem, RawDataElement):
+            return self.ds.get(keyword, default)
+        vr = elem.VR or dictionary_VR(tag)
+        raw = elem.value
+        if not raw:
+            return self.ds.get(keyword, default)
+        if vr in self._STRING_VRS:
+            # as pydicom: the value's trailing padding goes, spaces inside a multi-value stay
+            parts = raw.decode("ascii", "replace").rstrip(" \x00").split("\\")
+            return parts[0] if len(parts) == 1 else parts
+        fmt = self._BINARY_VRS.get(vr)
+        if fmt is None or len(raw) % struct.calcsize(fmt):
+            return self.ds.get(keyword, default)
+        vals = struct.unpack(("<" if elem.is_little_endian else ">") + fmt * (len(raw) // struct.calcsize(fmt)), raw)
+        return vals[0] if len(vals) == 1 else list(vals)
+
+
 def _with_raw_pixels(s: SliceHeader, ds, element: bytes, pixel_offset: int) -> SliceHeader:
     """``s`` with the byte offset and dtype of its pixel values when they can be read straight from the file.
 
@@ -370,8 +412,9 @@ def _with_raw_pixels(s: SliceHeader, ds, element: bytes, pixel_offset: int) -> S
     nbytes = s.rows * s.cols * s.bits_allocated // 8
     if length == 0xFFFFFFFF or length < nbytes or start + nbytes > s.file_size:
         return s
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    bits_stored = int(ds.get("BitsStored", s.bits_allocated) or s.bits_allocated)
+    hv = _HeaderValues(ds)
+    signed = int(hv.get("PixelRepresentation", 0) or 0) == 1
+    bits_stored = int(hv.get("BitsStored", s.bits_allocated) or s.bits_allocated)
     if not 0 < bits_stored <= s.bits_allocated:
         return s
     dtype = f"<{'i' if signed else 'u'}{s.bits_allocated // 8}"
@@ -380,7 +423,8 @@ def _with_raw_pixels(s: SliceHeader, ds, element: bytes, pixel_offset: int) -> S
 
 def _slices_from_header(path, ds, st, pixel_offset, has_pixel_tag=True) -> list[SliceHeader] | SkippedFile:
     meta = getattr(ds, "file_meta", None)
-    sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
+    hv = _HeaderValues(ds)
+    sop_class = str(hv.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
     if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
         return SkippedFile(path, "dicomdir", _dicomdir_detail(path, ds))
     sop_name = UID(sop_class).name if sop_class else "unknown SOP class"
@@ -394,10 +438,10 @@ def _slices_from_header(path, ds, st, pixel_offset, has_pixel_tag=True) -> list[
     tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta else ""
     if not tsyntax:
         tsyntax = "1.2.840.10008.1.2"  # no meta header: implicit VR little endian by definition
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    bits = int(ds.get("BitsAllocated", 16) or 16)
+    n_frames = int(hv.get("NumberOfFrames", 1) or 1)
+    rows, cols = int(hv.get("Rows")), int(hv.get("Columns"))
+    spp = int(hv.get("SamplesPerPixel", 1) or 1)
+    bits = int(hv.get("BitsAllocated", 16) or 16)
     if not has_pixel_tag and "PixelData" not in ds:
         return SkippedFile(path, "no_pixel_data", f"{sop_name} with Rows/Columns but no PixelData element; re-export it")
     if _is_native(tsyntax) and "PixelData" not in ds:
@@ -409,52 +453,52 @@ def _slices_from_header(path, ds, st, pixel_offset, has_pixel_tag=True) -> list[
             )
     common = dict(
         path=path,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        sop_instance_uid=str(hv.get("SOPInstanceUID", "")),
+        series_uid=str(hv.get("SeriesInstanceUID", "")),
         patient_id=str(ds.get("PatientID", "") or ""),
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
-        modality=str(ds.get("Modality", "") or ""),
+        study_uid=str(hv.get("StudyInstanceUID", "")),
+        frame_of_reference_uid=str(hv.get("FrameOfReferenceUID", "") or ""),
+        modality=str(hv.get("Modality", "") or ""),
         sop_class_uid=sop_class,
         transfer_syntax=tsyntax,
         rows=rows,
         cols=cols,
         samples_per_pixel=spp,
-        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
+        photometric=str(hv.get("PhotometricInterpretation", "MONOCHROME2")),
         bits_allocated=bits,
         file_size=st.st_size,
         file_mtime_ns=st.st_mtime_ns,
     )
-    image_type = tuple(str(v).upper() for v in as_list(_optional(ds, "ImageType") or ()))
+    image_type = tuple(str(v).upper() for v in as_list(_optional(hv, "ImageType") or ()))
     if "PerFrameFunctionalGroupsSequence" in ds:
         return _enhanced_frames(ds, common, image_type, n_frames)
     if n_frames > 1:
         # Classic multi-frame (cine, NM, US): no per-frame positions, cannot form a 3D grid.
         return [
             SliceHeader(
-                frame=i, image_type=image_type + ("MULTIFRAME_CLASSIC",), pixel_spacing=floats(ds.get("PixelSpacing")),
+                frame=i, image_type=image_type + ("MULTIFRAME_CLASSIC",), pixel_spacing=floats(hv.get("PixelSpacing")),
                 iop=None, ipp=None, slope=1.0, intercept=0.0, rwv=None, split_values=(i,) * len(SPLIT_KEYS),
                 **common,
             )
             for i in range(n_frames)
         ]
     split_values = (
-        _num(_optional(ds, "EchoNumbers")),
-        _num(_optional(ds, "TemporalPositionIdentifier")),
-        _num(_optional(ds, "DiffusionBValue")),
+        _num(_optional(hv, "EchoNumbers")),
+        _num(_optional(hv, "TemporalPositionIdentifier")),
+        _num(_optional(hv, "DiffusionBValue")),
         None,
-        _num(_optional(ds, "AcquisitionNumber")),
+        _num(_optional(hv, "AcquisitionNumber")),
         image_type,
     )
     return [
         SliceHeader(
             frame=None,
             image_type=image_type,
-            pixel_spacing=floats(ds.get("PixelSpacing"), 2),
-            iop=floats(ds.get("ImageOrientationPatient"), 6),
-            ipp=floats(ds.get("ImagePositionPatient"), 3),
-            slope=float(ds.get("RescaleSlope", 1) or 1),
-            intercept=float(ds.get("RescaleIntercept", 0) or 0),
+            pixel_spacing=floats(hv.get("PixelSpacing"), 2),
+            iop=floats(hv.get("ImageOrientationPatient"), 6),
+            ipp=floats(hv.get("ImagePositionPatient"), 3),
+            slope=float(hv.get("RescaleSlope", 1) or 1),
+            intercept=float(hv.get("RescaleIntercept", 0) or 0),
             rwv=_rwv(ds),
             split_values=split_values,
             **common,
