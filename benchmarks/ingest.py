@@ -10,8 +10,8 @@ Prints JSON lines:
   dcm2niix wheel) on the same export, medians of ``--repeats`` interleaved runs (the tool that goes first
   alternates), and ``ratio`` = medmtl / dcm2niix throughput. Header scan: medmtl reads every header,
   groups and checks the series (no pixel data); dcm2niix ``-b o`` (sidecars only, no NIfTI). Full: medmtl
-  ``ingest()`` into a fresh DATA_DIR (gzip level 1) vs ``dcm2niix -z i -1 -b n`` (internal zlib, level 1,
-  no sidecar). medmtl runs in-process (import time excluded), dcm2niix as a process.
+  ``ingest()`` into a fresh DATA_DIR (default workers, native integer storage, ISA-L gzip level 1, every
+  file fsynced) vs ``dcm2niix -z i -1 -b n`` (internal zlib, level 1, no sidecar, no fsync). medmtl runs in-process (import time excluded), dcm2niix as a process.
 * ``ingest_peak_memory``: peak resident memory (VmHWM of a child process) of a full medmtl ingest with 1
   and 2 conversion workers and of dcm2niix, and medmtl's tracemalloc peak (Python and numpy allocations,
   imports excluded), for exports of 2, 4 and 8 image series; ``ingest_memory_growth`` gives the 8-over-2

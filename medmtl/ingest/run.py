@@ -34,7 +34,10 @@ What ingest does, in order:
 
    ``label_source`` in the report and the manifest says where each label came from: ``label_dir``,
    ``dicom_seg`` or ``nnunet``.
-5. Writes ``images/<case_id>_<series_key>.nii.gz`` (and ``labels/...`` as uint8) atomically: temporary
+5. Converts series in parallel threads (``workers``) and writes ``images/<case_id>_<series_key>.nii.gz``
+   in the storage type of :func:`medmtl.ingest.dicom_series.read_stored_volume` (integers, with
+   ``scl_slope``/``scl_inter`` where needed; float32 only where values need it) and ``labels/...`` as uint8,
+   through :func:`medmtl.nifti.write_nifti`, atomically: temporary
    file in the same folder, fsync, ``os.replace``. gzip headers carry no name and no time, so the bytes
    are reproducible and their sha256 is the content hash.
 6. Writes ``manifest.jsonl`` (see :mod:`medmtl.data.manifest`) and ``ingest_report.json`` atomically; the
