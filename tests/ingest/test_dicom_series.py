@@ -367,3 +367,22 @@ def test_enhanced_multiframe_mr_matches_dcm2niix(tmp_path):
     ijk_b = world @ inv[:3, :3].T + inv[:3, 3]
     assert np.max(np.abs(ijk_b - np.rint(ijk_b))) < 1e-2
     assert np.all(np.rint(ijk_b) >= 0) and np.all(np.rint(ijk_b) < np.array(b.shape[:3]))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_pixels_read_from_the_file_equal_pydicoms_with_unused_high_bits(tmp_path, signed):
+    # 12 bits stored in 16 allocated, with junk in the 4 unused bits: pydicom masks (unsigned) or
+    # sign-extends (signed) them; the direct read must give the same values.
+    files = write_series(tmp_path / "S", n=4, rows=6, cols=7, intercept=0)
+    rng = np.random.default_rng(3)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, int(signed)
+        ds.PixelData = rng.integers(0, 1 << 16, size=(6, 7), dtype=np.uint16).tobytes()
+        ds.save_as(f, enforce_file_format=True)
+    slices = [s for f in files for s in scan_file(str(f))]
+    assert all(s.data_offset is not None for s in slices)  # the direct path is the one under test
+    plan = check_series(SeriesCandidate(series_uid="x", slices=slices))
+    vol = read_volume(plan)
+    for k, s in enumerate(plan.slices):
+        np.testing.assert_array_equal(vol[:, :, k], pydicom.dcmread(s.path).pixel_array.T)
