@@ -18,6 +18,11 @@ step ratio stays below 2 (about 1.5 with the last unit at ``dec1``, about 1.7 wi
 Penalties (soft sharing, sluice orthogonality) are timed on their own, forward plus backward, and
 reported as a fraction of that mechanism's median step; the target is under 2%.
 
+Parameters (``bench: sharing_params``): each net's parameters (tied ones once) as a fraction of two
+separate columns (the single-task net), and its adapter parameters (LoRA deltas, routers: what
+``medmtl adapt`` trains on a frozen base, and what a modality adds to a shared column) as that fraction.
+Goal for ``lora``: adapters <= 10% of two columns, step <= 1.1x single-task.
+
     python benchmarks/sharing.py                 # about 2-3 minutes on 2 shared CPU cores
     python benchmarks/sharing.py --rounds 3      # quicker, noisier
 """
@@ -47,6 +52,9 @@ MECHANISMS: dict[str, str | list] = {
     "sluice": "abdomen_sluice",
     "hard": "baseline_hard",
     "shared_kernels": "baseline_shared_kernels",
+    "lora": "abdomen_lora",
+    "mtlora": "abdomen_mtlora",
+    "mixture_of_lora": "abdomen_mixture_of_lora",
     "soft+cross_stitch": [
         {"kind": "soft", "depths": {"enc0": 1.0e-3, "enc1": 1.0e-3}},
         {"kind": "cross_stitch", "depths": ["enc2", "bottleneck", "dec2", "dec1"]},
@@ -73,12 +81,18 @@ def penalty_seconds(net: TwoColumnNet, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _count(params) -> int:
+    """Number of parameters, each tensor once (tied parameters are one tensor)."""
+    return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+
 def main() -> None:
     """Run the interleaved rounds and print one JSON line per mechanism and per penalty."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (after one warm-up round)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared machine, where spinning OpenMP threads of several processes collide)")
     ap.add_argument("--penalty-repeats", type=int, default=30, help="timed repeats of each penalty alone")
+    ap.add_argument("--mechanisms", nargs="+", default=None, choices=list(MECHANISMS), help="time only these (single_task always runs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -86,7 +100,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     batch = {m: {"image": torch.randn(2, 1, 64, 64, 32, generator=g), "label": torch.randint(0, 5, (2, 1, 64, 64, 32), generator=g)}
              for m in MODALITIES}
-    built = {name: build(sharing, device) for name, sharing in MECHANISMS.items()}
+    chosen = [n for n in MECHANISMS if args.mechanisms is None or n in args.mechanisms or n == "single_task"]
+    built = {name: build(MECHANISMS[name], device) for name in chosen}
 
     times: dict[str, list[float]] = {name: [] for name in built}
     walls: dict[str, list[float]] = {name: [] for name in built}
@@ -110,6 +125,15 @@ def main() -> None:
             "rounds": args.rounds, "threads": args.threads,
             "note": "dual path: each batch runs through both columns, ~2x the columns' forward and backward "
                     "(loss, heads and optimizer step are not doubled)" if net.dual_path else "",
+        }))
+    two_columns = _count(built["single_task"].net.parameters())
+    for name, parts in built.items():
+        net = parts.net
+        adapters = _count(p for mech in net.sharing for p in mech.adapter_parameters())
+        print(json.dumps({
+            "bench": "sharing_params", "mechanism": name, "params": _count(net.parameters()),
+            "fraction_of_two_columns": round(_count(net.parameters()) / two_columns, 4),
+            "adapter_params": adapters, "adapter_fraction_of_two_columns": round(adapters / two_columns, 4),
         }))
     for name, parts in built.items():
         net = parts.net

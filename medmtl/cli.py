@@ -80,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default=None, choices=["CT", "MR", "ct", "mr"], help="required for NIfTI; DICOM headers say it")
     p.add_argument("--out", required=True, help="output label NIfTI (on the input grid); for DICOM input a DICOM SEG is written beside it as <name>.seg.dcm")
 
+    p = sub.add_parser("adapt", help="train only one modality's LoRA adapters on a trained model (e.g. MR from a CT model); log and register it merged")
+    p.add_argument("source", help="run id, checkpoint (runs/<run_id>/last.pt) or model URI (models:/medmtl-demo@champion, runs:/<id>/model)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the adaptation config, e.g. train.steps=100")
+    p.add_argument("--target", default="mr", choices=["ct", "mr"], help="modality whose adapters train")
+    p.add_argument("--from", dest="source_modality", default="ct", choices=["ct", "mr"], help="modality whose column and head are the frozen base")
+    p.add_argument("--data-root", default=None, help="DATA_DIR with the target modality's cases (default: the source's dataset)")
+    p.add_argument("--depths", default="all", help="comma-separated depths that get deltas, or 'all'")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=8.0, help="LoRA scale numerator (delta = alpha/r B A)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the deltas' input")
+    p.add_argument("--out", default="runs", help="folder for checkpoints (one subfolder per MLflow run)")
+    p.add_argument("--no-register", action="store_true", help="log the merged model in the run but do not register a version")
+    p.set_defaults(func=_adapt)
+
     p = sub.add_parser("sync", help="send a run's metrics left in its local spool after a tracking-server outage")
     p.add_argument("spool_dir", help="runs/<run_id>/mlflow_spool")
     p.add_argument("--tracking-uri", default=None, help="default: the URI the run used")
@@ -94,8 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _adapt(args: argparse.Namespace) -> int:
+    """``medmtl adapt``: LoRA adapters of one modality on a frozen trained model (pipelines/adapt.py)."""
+    from pipelines.adapt import run_adaptation
+
+    lora = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout,
+            "depths": "all" if args.depths == "all" else [d.strip() for d in args.depths.split(",") if d.strip()]}
+    res = run_adaptation(args.source, target=args.target, source_modality=args.source_modality, data_root=args.data_root,
+                         lora=lora, overrides=args.overrides, out_dir=args.out, register=not args.no_register)
+    share = res.trainable
+    print(f"run id: {res.run_id}")
+    print(f"trained {int(share['params/trainable'])} of {int(share['params/total'])} parameters "
+          f"({100 * share['params/trainable_fraction']:.2f}%; {100 * share['params/trainable_fraction_of_two_columns']:.2f}% of two columns)")
+    for m, d in res.test_dice.items():
+        print(f"  {m.upper()}: " + "  ".join(f"{k} {v:.3f}" for k, v in d.items()))
+    if res.registered:
+        print(f"registered {res.registered} (alias challenger), deltas merged into the {args.target.upper()} kernels")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from medmtl.config import config_to_yaml, load_config
+
+    if getattr(args, "func", None) is not None:  # subcommands declared with set_defaults(func=...)
+        return args.func(args)
 
     if args.command == "synth":
         from medmtl.synth import synthesize_exports
@@ -212,6 +248,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medmtl`` console command."""
     from medmtl.config import ConfigError
+    from medmtl.errors import MedmtlError
     from medmtl.ingest.run import IngestError
 
     args = build_parser().parse_args(argv)
@@ -219,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return _run(args)
-    except (ConfigError, IngestError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, LookupError, ConnectionError) as err:
+    except (MedmtlError, ConfigError, IngestError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, LookupError, ConnectionError) as err:
         print(f"medmtl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

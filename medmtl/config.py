@@ -247,6 +247,11 @@ class _SharingBase(_Strict):
         """True when it replaces each head's input by a mix of layers (at most one mechanism may)."""
         return False
 
+    @property
+    def has_adapters(self) -> bool:
+        """True when it adds low-rank adapters to a shared column (the LoRA family)."""
+        return False
+
     def depth_keys(self, available: list[str]) -> dict[str, list[str]]:
         """Config key -> the depth names it lists (``"all"`` expanded, the one place that does); ``depths`` first."""
         depths = getattr(self, "depths")
@@ -423,8 +428,74 @@ class SharedKernelsConfig(_SharingBase):
         return True
 
 
+class _LoRAFamilyConfig(_SharingBase):
+    """What the LoRA-family mechanisms share: one column for both modalities, low-rank deltas at chosen depths."""
+
+    depths: list[str] | Literal["all"] = Field("all", description="depth names whose convolutions (Conv3d and the decoders' ConvTranspose3d) get low-rank deltas, or 'all'; every other parameter is shared")
+    rank: int = Field(4, ge=1, description="rank r of each modality's delta (capped at a kernel's own rank, e.g. 1 for a 1x1x1 projection from one channel)")
+    alpha: float = Field(8.0, gt=0.0, description="LoRA scale numerator: a delta is (alpha / r) B A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the deltas' input in training (0 = one convolution with the merged kernel; > 0 adds a second convolution)")
+    modality_norms: bool = Field(True, description="keep normalization layers per modality (as shared kernels); false = norms shared too")
+    freeze_base: bool = Field(False, description="train only the adapters (deltas, routers): the shared column and the heads stay as loaded (`medmtl adapt` sets this)")
+
+    @property
+    def ties_parameters(self) -> bool:
+        """The whole column is one set of parameters (the deltas ride on it)."""
+        return True
+
+    @property
+    def has_adapters(self) -> bool:
+        """Low-rank deltas on the shared column's kernels."""
+        return True
+
+    def depth_keys(self, available: list[str]) -> dict[str, list[str]]:
+        """``depths``: every depth is tied (the column is shared); the adapted depths are checked in :meth:`check`."""
+        return {"depths": list(available)}
+
+    def check(self, *, index: int, model: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+        """The adapted depths exist."""
+        names = model.depth_names
+        for d in [] if self.depths == "all" else self.depths:
+            if d not in names:
+                raise ValueError(f"sharing.{index}.depths: unknown depth {d!r}; {DEPTH_NAMES_HELP} (here: {', '.join(names)})")
+
+
+class LoRAConfig(_LoRAFamilyConfig):
+    """Modality LoRA: a shared column plus per-modality deltas W_m = W + (alpha/r) B_m A_m, B zero at the start."""
+
+    kind: Literal["lora"] = "lora"
+    modalities: list[Literal["ct", "mr"]] = Field(default_factory=lambda: ["ct", "mr"], min_length=1, description="modalities that get deltas; the others use the shared kernels as they are (e.g. [mr] to adapt a CT model)")
+
+
+class MTLoRAConfig(_LoRAFamilyConfig):
+    """MTLoRA (Agiza et al., CVPR 2024): a task-agnostic delta shared by both modalities plus one per modality."""
+
+    kind: Literal["mtlora"] = "mtlora"
+    shared_rank: int = Field(4, ge=1, description="rank of the task-agnostic delta shared by both modalities")
+    shared_alpha: float = Field(8.0, gt=0.0, description="scale numerator of the shared delta (alpha_s / r_s)")
+
+
+class MixtureOfLoRAConfig(_LoRAFamilyConfig):
+    """K LoRA experts per depth, a per-sample top-k router on the depth's pooled input, a Switch/GShard balance loss."""
+
+    kind: Literal["mixture_of_lora"] = "mixture_of_lora"
+    depths: list[str] | Literal["all"] = Field(default_factory=lambda: ["bottleneck"], description="depth names that get K experts and a router each, or 'all'")
+    num_experts: int = Field(4, ge=2, description="K: LoRA experts per chosen depth, shared by both modalities")
+    top_k: int = Field(2, ge=1, description="experts per sample; their gates are renormalised to sum 1")
+    modality_embedding: bool = Field(True, description="the router also reads a learned embedding of the sample's modality")
+    embedding_dim: int = Field(4, ge=1, description="length of the modality embedding")
+    balance_weight: float = Field(1e-2, ge=0.0, description="weight of the load-balancing loss K sum_i f_i P_i per depth (Switch: 1e-2)")
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> "MixtureOfLoRAConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
+        return self
+
+
 SharingConfig = Annotated[
-    Union[SoftSharingConfig, CrossStitchConfig, SluiceConfig, HardSharingConfig, SharedKernelsConfig],
+    Union[SoftSharingConfig, CrossStitchConfig, SluiceConfig, HardSharingConfig, SharedKernelsConfig,
+          LoRAConfig, MTLoRAConfig, MixtureOfLoRAConfig],
     Field(discriminator="kind"),
 ]
 

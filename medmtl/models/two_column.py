@@ -50,6 +50,11 @@ class TwoColumnNet(nn.Module):
             mech = build_mechanism(mech_cfg)
             mech.attach(self.columns["ct"], self.columns["mr"])
             self.sharing.append(mech)
+        if any(mech.freezes_base for mech in self.sharing):
+            # adaptation: only the adapters train; the column, norms and heads stay as loaded
+            keep = {id(p) for mech in self.sharing for p in mech.adapter_parameters()}
+            for p in self.parameters():
+                p.requires_grad_(id(p) in keep)
         self.depth_names = self.columns["ct"].depth_names
         self._mixers: dict[str, list[SharingMechanism]] = {}
         for mech in self.sharing:
@@ -132,6 +137,14 @@ class TwoColumnNet(nn.Module):
         for mech in self.sharing:
             for depth, value in mech.penalties().items():
                 out[f"{mech.kind}/{depth}"] = value
+        return out
+
+    def forward_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of the last forward pass (router balance losses), keyed ``kind/depth/...``; cleared on read."""
+        out = {}
+        for mech in self.sharing:
+            for key, value in mech.forward_losses().items():
+                out[f"{mech.kind}/{key}"] = value
         return out
 
     def sharing_log_values(self) -> dict[str, float]:

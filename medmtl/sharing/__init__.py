@@ -7,6 +7,9 @@ one new file plus one line here (and its config class in :mod:`medmtl.config`).
 from medmtl.sharing.base import SharingMechanism
 from medmtl.sharing.cross_stitch import CrossStitch
 from medmtl.sharing.hard import HardSharing
+from medmtl.sharing.lora import ModalityLoRA
+from medmtl.sharing.mixture_of_lora import MixtureOfLoRA
+from medmtl.sharing.mtlora import MTLoRA
 from medmtl.sharing.shared_kernels import SharedKernels
 from medmtl.sharing.sluice import Sluice
 from medmtl.sharing.soft import SoftSharing
@@ -17,6 +20,9 @@ MECHANISMS: dict[str, type[SharingMechanism]] = {
     "sluice": Sluice,
     "hard": HardSharing,
     "shared_kernels": SharedKernels,
+    "lora": ModalityLoRA,
+    "mtlora": MTLoRA,
+    "mixture_of_lora": MixtureOfLoRA,
 }
 
 

@@ -75,6 +75,25 @@ class SharingMechanism(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": params, "lr": base_lr, "name": f"sharing/{self.kind}"}] if params else []
 
+    def forward_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of the forward pass just run (e.g. a router's balance loss), already weighted,
+        keyed by depth; the step adds them to that task's term before its backward pass. Cleared on read."""
+        return {}
+
+    @property
+    def freezes_base(self) -> bool:
+        """The config's declaration: only :meth:`adapter_parameters` train (every other parameter is frozen)."""
+        return self.cfg.freezes_base
+
+    @property
+    def merges_into_kernels(self) -> bool:
+        """The config's declaration: its low-rank deltas fold into per-modality kernels for deployment."""
+        return self.cfg.merges_into_kernels
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The mechanism's adapters (low-rank deltas, routers): what trains when :attr:`freezes_base`."""
+        return []
+
     def log_values(self) -> dict[str, float]:
         """Scalars worth tracking (penalty per depth, mixing coefficients), keyed ``kind/depth/...``."""
         return {}

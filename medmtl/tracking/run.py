@@ -16,6 +16,7 @@ from medmtl.data.loaders import Split
 from medmtl.data.plan import Plan
 from medmtl.evaluation.evaluate import Evaluation
 from medmtl.inference.segmenter import Segmenter
+from medmtl.models.merge import merge_adapters
 from medmtl.tracking.logger import NullLogger, RunLogger, last_logged_steps
 from medmtl.tracking.plots import log_history_plots, log_overlays
 from medmtl.inference.pyfunc_model import log_segmentation_model
@@ -125,8 +126,10 @@ class TrackedRun:
         model_uri = None
         if cfg.tracking.log_model:
             names = list(dict.fromkeys(list(cfg.data.labels["ct"].values()) + list(cfg.data.labels["mr"].values())))
-            model_uri = log_segmentation_model(run_id=self.run_id, tracking_uri=self.tracking_uri, net=trainer.net,
-                                               cfg_yaml=config_to_yaml(cfg), plan=plan.to_dict(), class_names=names)
+            # LoRA deltas fold into per-modality kernels: the deployed model has no adapter left to run
+            net, model_cfg = merge_adapters(trainer.net, cfg)
+            model_uri = log_segmentation_model(run_id=self.run_id, tracking_uri=self.tracking_uri, net=net,
+                                               cfg_yaml=config_to_yaml(model_cfg), plan=plan.to_dict(), class_names=names)
         logger.end("FINISHED")
         return model_uri
 

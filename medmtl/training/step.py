@@ -1,10 +1,11 @@
 """One optimizer step of joint CT+MR training, with the hard parts in one place.
 
 Order: for each task the weighting method selects (all, unless it drops one for this step), forward
-its batch and back-propagate its weighted term ``w_i L_i`` (the two graphs are disjoint, so each task's
-gradient is the growth of ``.grad`` between the backward passes, read at no extra backward: its norm on
-GradNorm's ``W`` by :class:`GradientProbe`, the whole gradient on the shared parameters by
-:class:`TaskGradients`); average the gradients over ranks; let the weighting method combine the tasks'
+its batch and back-propagate its weighted term ``w_i L_i`` plus the auxiliary losses of that forward pass
+(a router's balance loss; a task with nothing trainable on its path, as in adaptation, is forwarded for
+its loss only). The two graphs are disjoint, so each task's gradient is the growth of ``.grad`` between
+the backward passes, read at no extra backward: its norm on GradNorm's ``W`` by :class:`GradientProbe`,
+the whole gradient on the shared parameters by :class:`TaskGradients`. Then average the gradients over ranks; let the weighting method combine the tasks'
 gradients on the shared parameters (:meth:`~medmtl.weighting.base.LossWeighting.adjust_gradients`, only
 for methods that declare it); back-propagate the sharing penalties; unscale (fp16); skip the step if any
 gradient is non-finite; clip; step; then let the weighting method update from the measured norms.
@@ -187,7 +188,13 @@ def train_step(
         # main logits plus any deep-supervision heads (exactly loss_fn(logits, y) without them)
         loss = deep_supervision_loss(loss_fn, outputs, y, net.deep_supervision_weights if aux else {"main": 1.0})
         term = weighting.task_terms({task: loss})[task]
-        scaler.scale(term).backward()
+        # auxiliary losses of this forward pass (a router's balance loss), unweighted by the task weight
+        extra = net.forward_losses() if hasattr(net, "forward_losses") else {}
+        if extra:
+            term = term + torch.stack(list(extra.values())).sum()
+        # a task whose path has nothing to train (adaptation of the other modality) is forwarded for its loss only
+        if term.requires_grad:
+            scaler.scale(term).backward()
         losses[task] = float(loss.detach())
         if probe is not None:
             norms[task] = probe.read(precision.loss_scale)
