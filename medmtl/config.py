@@ -252,6 +252,16 @@ class _SharingBase(_Strict):
         """True when it adds low-rank adapters to a shared column (the LoRA family)."""
         return False
 
+    @property
+    def merges_into_kernels(self) -> bool:
+        """True when its low-rank deltas fold into per-modality kernels for deployment (``models.merge``)."""
+        return False
+
+    @property
+    def freezes_base(self) -> bool:
+        """True when only its adapters train: every other parameter of the net is frozen."""
+        return False
+
     def depth_keys(self, available: list[str]) -> dict[str, list[str]]:
         """Config key -> the depth names it lists (``"all"`` expanded, the one place that does); ``depths`` first."""
         depths = getattr(self, "depths")
@@ -431,12 +441,26 @@ class SharedKernelsConfig(_SharingBase):
 class _LoRAFamilyConfig(_SharingBase):
     """What the LoRA-family mechanisms share: one column for both modalities, low-rank deltas at chosen depths."""
 
-    depths: list[str] | Literal["all"] = Field("all", description="depth names whose convolutions (Conv3d and the decoders' ConvTranspose3d) get low-rank deltas, or 'all'; every other parameter is shared")
-    rank: int = Field(4, ge=1, description="rank r of each modality's delta (capped at a kernel's own rank, e.g. 1 for a 1x1x1 projection from one channel)")
+    depths: list[str] | Literal["all"] = Field(
+        "all",
+        description="depth names whose convolutions (Conv3d and the decoders' ConvTranspose3d) get low-rank deltas, or 'all'; "
+                    "every other parameter is shared",
+    )
+    rank: int = Field(
+        4, ge=1, description="rank r of each delta (capped at a kernel's own rank, e.g. 1 for a 1x1x1 from one channel)",
+    )
     alpha: float = Field(8.0, gt=0.0, description="LoRA scale numerator: a delta is (alpha / r) B A")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the deltas' input in training (0 = one convolution with the merged kernel; > 0 adds a second convolution)")
-    modality_norms: bool = Field(True, description="keep normalization layers per modality (as shared kernels); false = norms shared too")
-    freeze_base: bool = Field(False, description="train only the adapters (deltas, routers): the shared column and the heads stay as loaded (`medmtl adapt` sets this)")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="dropout on the deltas' input in training (0 = one convolution with the merged kernel; > 0 adds another)",
+    )
+    modality_norms: bool = Field(
+        True, description="keep normalization layers per modality (as shared kernels); false = norms shared too",
+    )
+    freeze_base: bool = Field(
+        False,
+        description="train only the adapters (deltas, routers); column, norms and heads stay as loaded (`medmtl adapt`)",
+    )
 
     @property
     def ties_parameters(self) -> bool:
@@ -448,6 +472,15 @@ class _LoRAFamilyConfig(_SharingBase):
         """Low-rank deltas on the shared column's kernels."""
         return True
 
+    @property
+    def freezes_base(self) -> bool:
+        """``freeze_base``: only the deltas (and routers) train."""
+        return self.freeze_base
+
+    def adapter_depths(self, available: list[str]) -> list[str]:
+        """The depths whose convolutions get deltas (``depths``, ``"all"`` expanded); the column is tied at every depth."""
+        return list(available) if self.depths == "all" else list(self.depths)
+
     def depth_keys(self, available: list[str]) -> dict[str, list[str]]:
         """``depths``: every depth is tied (the column is shared); the adapted depths are checked in :meth:`check`."""
         return {"depths": list(available)}
@@ -455,7 +488,7 @@ class _LoRAFamilyConfig(_SharingBase):
     def check(self, *, index: int, model: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
         """The adapted depths exist."""
         names = model.depth_names
-        for d in [] if self.depths == "all" else self.depths:
+        for d in self.adapter_depths(names):
             if d not in names:
                 raise ValueError(f"sharing.{index}.depths: unknown depth {d!r}; {DEPTH_NAMES_HELP} (here: {', '.join(names)})")
 
@@ -464,7 +497,15 @@ class LoRAConfig(_LoRAFamilyConfig):
     """Modality LoRA: a shared column plus per-modality deltas W_m = W + (alpha/r) B_m A_m, B zero at the start."""
 
     kind: Literal["lora"] = "lora"
-    modalities: list[Literal["ct", "mr"]] = Field(default_factory=lambda: ["ct", "mr"], min_length=1, description="modalities that get deltas; the others use the shared kernels as they are (e.g. [mr] to adapt a CT model)")
+    modalities: list[Modality] = Field(
+        default_factory=lambda: list(MODALITIES), min_length=1,
+        description="modalities that get deltas; the others use the shared kernels as they are (e.g. [mr] to adapt a CT model)",
+    )
+
+    @property
+    def merges_into_kernels(self) -> bool:
+        """Per-modality deltas fold into per-modality kernels."""
+        return True
 
 
 class MTLoRAConfig(_LoRAFamilyConfig):
@@ -474,17 +515,26 @@ class MTLoRAConfig(_LoRAFamilyConfig):
     shared_rank: int = Field(4, ge=1, description="rank of the task-agnostic delta shared by both modalities")
     shared_alpha: float = Field(8.0, gt=0.0, description="scale numerator of the shared delta (alpha_s / r_s)")
 
+    @property
+    def merges_into_kernels(self) -> bool:
+        """The shared and the per-modality deltas fold into per-modality kernels."""
+        return True
+
 
 class MixtureOfLoRAConfig(_LoRAFamilyConfig):
     """K LoRA experts per depth, a per-sample top-k router on the depth's pooled input, a Switch/GShard balance loss."""
 
     kind: Literal["mixture_of_lora"] = "mixture_of_lora"
-    depths: list[str] | Literal["all"] = Field(default_factory=lambda: ["bottleneck"], description="depth names that get K experts and a router each, or 'all'")
+    depths: list[str] | Literal["all"] = Field(
+        default_factory=lambda: ["bottleneck"], description="depth names that get K experts and a router each, or 'all'",
+    )
     num_experts: int = Field(4, ge=2, description="K: LoRA experts per chosen depth, shared by both modalities")
     top_k: int = Field(2, ge=1, description="experts per sample; their gates are renormalised to sum 1")
     modality_embedding: bool = Field(True, description="the router also reads a learned embedding of the sample's modality")
     embedding_dim: int = Field(4, ge=1, description="length of the modality embedding")
-    balance_weight: float = Field(1e-2, ge=0.0, description="weight of the load-balancing loss K sum_i f_i P_i per depth (Switch: 1e-2)")
+    balance_weight: float = Field(
+        1e-2, ge=0.0, description="weight of the load-balancing loss K sum_i f_i P_i per depth and forward batch (Switch: 1e-2)",
+    )
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> "MixtureOfLoRAConfig":

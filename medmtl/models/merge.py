@@ -16,7 +16,8 @@ import re
 import torch
 
 from medmtl.config import ExperimentConfig
-from medmtl.models.two_column import MODALITIES, TwoColumnNet
+from medmtl.modality import MODALITIES
+from medmtl.models.two_column import TwoColumnNet
 from medmtl.sharing.lora_layers import LoRAConv
 
 __all__ = ["merge_adapters", "plain_state_dict", "base_state_for_adaptation", "parameter_counts"]

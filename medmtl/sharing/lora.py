@@ -17,13 +17,13 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.normalization import GroupNorm, LayerNorm
 
 from medmtl.config import LoRAConfig
-from medmtl.sharing.base import SharingMechanism, resolve_depths
+from medmtl.modality import MODALITIES
+from medmtl.sharing.base import SharingMechanism
 from medmtl.sharing.lora_layers import CONV_TYPES, LoRAConv, LowRankDelta, adapter_parameters
 
 __all__ = ["LoRAFamily", "ModalityLoRA", "tie_columns", "set_submodule"]
 
 _NORM_TYPES = (_NormBase, GroupNorm, LayerNorm)
-_COLUMNS = ("ct", "mr")
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -49,12 +49,12 @@ class LoRAFamily(SharingMechanism):
     def attach(self, ct: nn.Module, mr: nn.Module) -> None:
         """Tie the columns, then wrap every convolution of the chosen depths in both columns."""
         tie_columns(ct, mr, modality_norms=self.cfg.modality_norms)
-        self._columns = {"ct": ct, "mr": mr}
-        for depth in resolve_depths(self.cfg.depths, ct.depth_names):
+        self._columns = dict(zip(MODALITIES, (ct, mr)))
+        for depth in self.cfg.adapter_depths(ct.depth_names):
             stage = ct.stages[depth]
             for path, conv in [(n, m) for n, m in stage.named_modules() if isinstance(m, CONV_TYPES)]:
                 wrappers = self.wrap(depth, path, conv)
-                for modality, column in (("ct", ct), ("mr", mr)):
+                for modality, column in self._columns.items():
                     set_submodule(column.stages[depth], path, wrappers[modality])
 
     def wrap(self, depth: str, path: str, conv: nn.Module) -> dict[str, nn.Module]:
@@ -73,23 +73,15 @@ class LoRAFamily(SharingMechanism):
         params.update({id(p): p for p in self.parameters()})
         return list(params.values())
 
-    @property
-    def freezes_base(self) -> bool:
-        """True when only the adapters train (``freeze_base``)."""
-        return self.cfg.freeze_base
 
 
 class ModalityLoRA(LoRAFamily):
     """``kind: lora``: each modality in ``cfg.modalities`` gets its own delta on every adapted kernel."""
 
-    kind = "lora"
-    merges_into_kernels = True
-
     def __init__(self, *, cfg: LoRAConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg=cfg)
 
     def wrap(self, depth: str, path: str, conv: nn.Module) -> dict[str, nn.Module]:
         """One wrapper per column; a modality outside ``cfg.modalities`` keeps the shared kernel as it is."""
         return {m: LoRAConv(base=conv, deltas=[self.delta(conv, self.cfg.rank, self.cfg.alpha)], dropout=self.cfg.dropout)
-                if m in self.cfg.modalities else conv for m in _COLUMNS}
+                if m in self.cfg.modalities else conv for m in MODALITIES}

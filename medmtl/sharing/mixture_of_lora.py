@@ -24,14 +24,12 @@ import torch
 from torch import nn
 
 from medmtl.config import MixtureOfLoRAConfig
-from medmtl.sharing.base import resolve_depths
+from medmtl.modality import MODALITIES
 from medmtl.sharing.lora import LoRAFamily
 from medmtl.sharing.lora_layers import LoRAConv
 from medmtl.sharing.routing import Routing, TopKRouter, balance_loss, router_entropy
 
 __all__ = ["MixtureOfLoRA"]
-
-_COLUMNS = ("ct", "mr")
 
 
 def _in_channels(stage: nn.Module) -> int:
@@ -43,11 +41,8 @@ def _in_channels(stage: nn.Module) -> int:
 class MixtureOfLoRA(LoRAFamily):
     """``kind: mixture_of_lora``: ``num_experts`` deltas per adapted kernel, a :class:`TopKRouter` per depth."""
 
-    kind = "mixture_of_lora"
-
     def __init__(self, *, cfg: MixtureOfLoRAConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg=cfg)
         self.routers = nn.ModuleDict()
         self._routing: dict[str, Routing | None] = {}
         self._pending: dict[str, torch.Tensor] = {}  # "depth/modality" -> weighted balance loss of the last forward
@@ -56,12 +51,12 @@ class MixtureOfLoRA(LoRAFamily):
     def attach(self, ct: nn.Module, mr: nn.Module) -> None:
         """Tie and wrap (one wrapper shared by both columns), then a router and hooks per depth and column."""
         super().attach(ct, mr)
-        for depth in resolve_depths(self.cfg.depths, ct.depth_names):
+        for depth in self.cfg.adapter_depths(ct.depth_names):
             self.routers[depth] = TopKRouter(in_channels=_in_channels(ct.stages[depth]), num_experts=self.cfg.num_experts,
-                                             top_k=self.cfg.top_k, num_modalities=len(_COLUMNS) if self.cfg.modality_embedding else 0,
+                                             top_k=self.cfg.top_k, num_modalities=len(MODALITIES) if self.cfg.modality_embedding else 0,
                                              embedding_dim=self.cfg.embedding_dim)
             self._routing[depth] = None
-            for index, (modality, column) in enumerate(zip(_COLUMNS, (ct, mr))):
+            for index, (modality, column) in enumerate(self._columns.items()):
                 column.stages[depth].register_forward_pre_hook(self._route_hook(depth, modality, index))
                 column.stages[depth].register_forward_hook(self._clear_hook(depth))
 
@@ -69,7 +64,7 @@ class MixtureOfLoRA(LoRAFamily):
         """One wrapper for both columns: the experts and the shared kernel, gated by this depth's router."""
         experts = [self.delta(conv, self.cfg.rank, self.cfg.alpha) for _ in range(self.cfg.num_experts)]
         wrapper = LoRAConv(base=conv, deltas=experts, dropout=self.cfg.dropout, gates=lambda d=depth: self._gates(d))
-        return {m: wrapper for m in _COLUMNS}
+        return {m: wrapper for m in MODALITIES}
 
     def _gates(self, depth: str) -> torch.Tensor:
         routing = self._routing[depth]

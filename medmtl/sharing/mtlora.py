@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from medmtl.config import MTLoRAConfig
+from medmtl.modality import MODALITIES
 from medmtl.sharing.lora import LoRAFamily
 from medmtl.sharing.lora_layers import LoRAConv
 
@@ -24,15 +25,11 @@ __all__ = ["MTLoRA"]
 class MTLoRA(LoRAFamily):
     """``kind: mtlora``: one shared delta and one delta per modality on every adapted kernel."""
 
-    kind = "mtlora"
-    merges_into_kernels = True
-
     def __init__(self, *, cfg: MTLoRAConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg=cfg)
 
     def wrap(self, depth: str, path: str, conv: nn.Module) -> dict[str, nn.Module]:
         """Both columns' wrappers hold the same shared delta (one set of parameters) and their own."""
         shared = self.delta(conv, self.cfg.shared_rank, self.cfg.shared_alpha)
         return {m: LoRAConv(base=conv, deltas=[shared, self.delta(conv, self.cfg.rank, self.cfg.alpha)], dropout=self.cfg.dropout)
-                for m in ("ct", "mr")}
+                for m in MODALITIES}

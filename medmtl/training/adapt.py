@@ -16,7 +16,8 @@ from __future__ import annotations
 from medmtl.config import ConfigError, ExperimentConfig, LoRAConfig, apply_overrides, config_to_dict, validate_config
 from medmtl.errors import ModelError
 from medmtl.models.merge import base_state_for_adaptation, parameter_counts
-from medmtl.models.two_column import MODALITIES, TwoColumnNet
+from medmtl.modality import MODALITIES
+from medmtl.models.two_column import TwoColumnNet
 
 __all__ = ["adaptation_config", "load_base", "trainable_share"]
 

@@ -22,6 +22,11 @@ SECTIONS = {
     "cross_stitch": [{"kind": "cross_stitch", "depths": ["enc1", "bottleneck"]}],
     "sluice": [{"kind": "sluice", "depths": ["enc1"], "beta_depths": {"enc0": 0.1, "dec0": 0.9}}],
     "soft+cross_stitch": [{"kind": "soft", "depths": {"dec0": 1.0}}, {"kind": "cross_stitch", "depths": ["enc0"]}],
+    "lora": [{"kind": "lora", "depths": ["enc1", "dec0"]}],
+    "lora_mr_shared_norms": [{"kind": "lora", "modalities": ["mr"], "modality_norms": False}],
+    "mtlora": [{"kind": "mtlora", "rank": 2, "shared_rank": 2}],
+    "mixture_of_lora": [{"kind": "mixture_of_lora", "depths": ["bottleneck", "dec1"], "num_experts": 3}],
+    "lora+cross_stitch": [{"kind": "lora", "depths": ["dec0"]}, {"kind": "cross_stitch", "depths": ["enc1"]}],
 }
 
 
