@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on the deltas' input")
     p.add_argument("--out", default="runs", help="folder for checkpoints (one subfolder per MLflow run)")
     p.add_argument("--no-register", action="store_true", help="log the merged model in the run but do not register a version")
-    p.set_defaults(func=_adapt)
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("sync", help="send a run's metrics left in its local spool after a tracking-server outage")
     p.add_argument("spool_dir", help="runs/<run_id>/mlflow_spool")
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _adapt(args: argparse.Namespace) -> int:
+def cmd_adapt(args: argparse.Namespace) -> int:
     """``medmtl adapt``: LoRA adapters of one modality on a frozen trained model (pipelines/adapt.py)."""
     from pipelines.adapt import run_adaptation
 

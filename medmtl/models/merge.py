@@ -28,7 +28,7 @@ def plain_state_dict(net: TwoColumnNet, keep_mechanisms: list[int]) -> dict[str,
     ``weight``/``bias``; ``sharing.<i>`` entries renumbered to the positions of ``keep_mechanisms``."""
     state = net.state_dict()
     out: dict[str, torch.Tensor] = {}
-    wrappers = {name: m for name, m in net.named_modules(remove_duplicate=False) if isinstance(m, LoRAConv) and m._gates is None}
+    wrappers = {name: m for name, m in net.named_modules(remove_duplicate=False) if isinstance(m, LoRAConv) and not m.routed}
     for name, wrapper in wrappers.items():
         plain = wrapper.merged()
         out[f"{name}.weight"] = plain.weight.detach().clone()

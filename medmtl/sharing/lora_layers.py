@@ -85,6 +85,11 @@ class LoRAConv(nn.Module):
         self._gates = gates
 
     @property
+    def routed(self) -> bool:
+        """True when per-sample gates mix the deltas (a mixture of experts: not mergeable)."""
+        return self._gates is not None
+
+    @property
     def transposed(self) -> bool:
         """True for a transposed convolution."""
         return isinstance(self.base, nn.ConvTranspose3d)
