@@ -113,6 +113,13 @@ def test_adapt_trains_only_mr_adapters_and_registers_a_merged_model(tiny_dataset
         log.close()
     assert MODEL_NAME in registered
 
+    # a checkpoint of the (LoRA-trained) source run is a source too: its run's config and plan come along
+    ckpt = tmp_path / "runs" / source.run_id / "last.pt"
+    assert medmtl(["adapt", str(ckpt), "train.steps=1", "train.val_every=1", "--rank", "1", "--no-register",
+                   "--out", str(tmp_path / "runs")]) == 0
+    again = re.search(r"run id: (\w+)", capsys.readouterr().out).group(1)
+    assert client.get_run(again).data.tags["medmtl.adapted_from"] == str(ckpt)
+
 
 def test_adapt_refuses_a_source_it_cannot_use(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
