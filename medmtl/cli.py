@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the adaptation config, e.g. train.steps=100")
     p.add_argument("--target", default="mr", choices=["ct", "mr"], help="modality whose adapters train")
     p.add_argument("--from", dest="source_modality", default="ct", choices=["ct", "mr"], help="modality whose column and head are the frozen base")
-    p.add_argument("--data-root", default=None, help="DATA_DIR with the target modality's cases (default: the source's dataset)")
+    p.add_argument("--data-root", default=None, help="DATA_DIR whose target-modality cases train the adapters (default: the source's dataset; "
+                   "it needs labelled cases of both modalities, as any split)")
     p.add_argument("--depths", default="all", help="comma-separated depths that get deltas, or 'all'")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=8.0, help="LoRA scale numerator (delta = alpha/r B A)")
