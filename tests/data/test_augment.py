@@ -38,7 +38,9 @@ def test_every_slice_gets_the_same_geometric_and_intensity_transform():
     img, lab = _phantom()
     out = _transform()({"image": img, "label": lab})
     for z in range(1, Z):
-        assert torch.equal(out["image"][..., z], out["image"][..., 0])
+        # opencv warps the slices in chunks of four channels; from opencv 5.1 a chunk of two can round
+        # differently in the last bit (1.2e-7 measured), so images agree to float32 rounding, labels exactly
+        torch.testing.assert_close(out["image"][..., z], out["image"][..., 0], rtol=0, atol=1e-5)
         assert torch.equal(out["label"][..., z], out["label"][..., 0])
     assert not torch.allclose(out["image"], img) and not torch.equal(out["label"], lab)  # something happened
 
