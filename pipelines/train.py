@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from medmtl.config import ExperimentConfig
 from medmtl.data.loaders import load_split
-from medmtl.data.plan import PLAN_VERSION, compute_plan, load_plan, resolve_plan, save_plan
+from medmtl.data.plan import ensure_plan, load_plan, resolve_plan
 from medmtl.tracking.run import TrackedRun
 from medmtl.training.checkpoint import load_checkpoint
 from medmtl.training.distributed import init_distributed
@@ -25,20 +24,6 @@ class TrainResult:
     tracking_uri: str
     model_uri: str | None
     test_dice: dict[str, dict[str, float]]
-
-
-def ensure_plan(data_dir: Path, cfg: ExperimentConfig | None = None) -> Path:
-    """``DATA_DIR/plan.json``, computed from the manifest when missing or written by another plan version."""
-    path = data_dir / "plan.json"
-    stale = False
-    if path.exists():
-        try:
-            stale = json.loads(path.read_text()).get("version", 1) != PLAN_VERSION
-        except json.JSONDecodeError:
-            stale = True
-    if not path.exists() or stale:
-        save_plan(compute_plan(data_dir, cfg), path)
-    return path
 
 
 def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progress: bool = True,
