@@ -14,7 +14,7 @@ from pathlib import Path
 
 from medmtl.errors import MedmtlError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "run", "parse_args", "build_parser"]
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -287,11 +287,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``medmtl`` console command."""
-    args = parse_args(argv)
-    # per-file download bars of MLflow drown the command's own output
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand; a :class:`MedmtlError` becomes one line on stderr and exit 2, anything else propagates."""
     try:
         return args.func(args)
     except MedmtlError as err:
@@ -299,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(err).split()) or type(err).__name__
         print(f"medmtl {name}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``medmtl`` console command."""
+    args = parse_args(argv)
+    # per-file download bars of MLflow drown the command's own output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return run(args)
 
 
 if __name__ == "__main__":

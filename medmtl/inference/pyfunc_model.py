@@ -34,6 +34,7 @@ from medmtl.modality import MODALITIES, dicom_modality
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
+from medmtl.errors import InputError
 
 __all__ = ["SegmentationModel", "log_segmentation_model", "MODEL_ARTIFACT_PATH", "model_signature"]
 
@@ -96,7 +97,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                 write_nifti(pred.labels.astype(np.uint8), inp.affine, Path(out))
             if seg_out:
                 if inp.kind != "dicom":
-                    raise ValueError(f"row {i}: seg_output needs a DICOM series folder as input")
+                    raise InputError(f"row {i}: seg_output needs a DICOM series folder as input")
                 try:
                     write_dicom_seg(pred.class_indices, inp.dicom_plan, names, Path(seg_out))
                 except SegNotPossible as why:

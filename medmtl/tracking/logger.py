@@ -27,6 +27,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from medmtl.tracking.spool import Spool, send_records
+from medmtl.errors import TrackingError
 
 __all__ = ["RunLogger", "NullLogger", "last_logged_steps", "SPOOL_DIR_NAME"]
 
@@ -85,7 +86,7 @@ class RunLogger:
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
         except Exception as err:
-            raise ConnectionError(
+            raise TrackingError(
                 f"cannot start an MLflow run at {tracking_uri}: {err}. Start the server (see mlflow/README.md), "
                 "or unset MLFLOW_TRACKING_URI and tracking.tracking_uri to use the embedded store under mlflow/"
             ) from err

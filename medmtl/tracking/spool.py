@@ -35,6 +35,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from medmtl.atomic import atomic_write_bytes
+from medmtl.errors import InputError, TrackingError
 
 __all__ = ["Spool", "SpoolRecord", "send_records", "is_transient", "replay_spool", "SPOOL_META"]
 
@@ -73,7 +74,7 @@ class Spool:
         if meta.exists():
             old = json.loads(meta.read_text())
             if old.get("run_id") != run_id:
-                raise ValueError(f"spool {self.folder} belongs to run {old.get('run_id')}, not {run_id}; "
+                raise TrackingError(f"spool {self.folder} belongs to run {old.get('run_id')}, not {run_id}; "
                                  "send it first (python -m medmtl.tracking.spool FOLDER) or choose another folder")
         else:
             atomic_write_bytes(meta, json.dumps({"run_id": run_id, "tracking_uri": _without_credentials(tracking_uri)}).encode())
@@ -252,7 +253,7 @@ def replay_spool(folder: str | Path, tracking_uri: str | None = None) -> int:
     folder = Path(folder)
     meta_path = folder / SPOOL_META
     if not meta_path.exists():
-        raise FileNotFoundError(f"{folder} is not a tracking spool (no {SPOOL_META}); pass the folder named in the run's warning")
+        raise InputError(f"{folder} is not a tracking spool (no {SPOOL_META}); pass the folder named in the run's warning")
     meta = json.loads(meta_path.read_text())
     uri = tracking_uri or meta["tracking_uri"]
     spool = Spool(folder, run_id=meta["run_id"], tracking_uri=uri)

@@ -21,8 +21,10 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from medmtl.errors import TrackingError
+
 __all__ = ["resolve_tracking_uri", "embedded_store", "prepare_store", "ensure_experiment", "ui_command",
-           "apply_http_settings", "using_tracking_uri", "DEFAULT_STORE_DIR"]
+           "apply_http_settings", "using_tracking_uri", "get_run", "DEFAULT_STORE_DIR"]
 
 DEFAULT_STORE_DIR = Path("mlflow")
 
@@ -124,6 +126,19 @@ def using_tracking_uri(tracking_uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+def get_run(client: MlflowClient, run_id: str):
+    """``client.get_run(run_id)``; an unknown id or an unreachable store is a :class:`TrackingError` naming both."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException as err:
+        uri = client.tracking_uri
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+            raise TrackingError(f"run {run_id!r} not found at {uri}; copy the run id from `medmtl train` or the MLflow UI, "
+                                "and check MLFLOW_TRACKING_URI") from None
+        raise TrackingError(f"cannot read run {run_id!r} from {uri}: {str(err).splitlines()[0][:300]}; "
+                            "check that the tracking server is up (see mlflow/README.md)") from None
 
 
 def ui_command(tracking_uri: str) -> str:

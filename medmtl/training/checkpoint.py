@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from medmtl.atomic import atomic_path
+from medmtl.errors import TrainingError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng", "random_states_of"]
 
@@ -28,7 +29,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; the error names the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise TrainingError(f"checkpoint {path} not found; pass the last.pt of an earlier run (runs/<run_id>/last.pt)")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -100,6 +101,6 @@ def restore_rng(state: dict[str, Any], transforms: dict[str, Any]) -> None:
         gens = random_states_of(t)
         saved = state["transforms"][name]
         if len(gens) != len(saved):
-            raise ValueError(f"checkpoint holds {len(saved)} generator states for the {name} transforms, the chain has {len(gens)}; resume with the same config")
+            raise TrainingError(f"checkpoint holds {len(saved)} generator states for the {name} transforms, the chain has {len(gens)}; resume with the same config")
         for r, s in zip(gens, saved):
             r.set_state(_np_state_from_plain(s))
