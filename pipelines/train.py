@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medmtl.config import ExperimentConfig
+from medmtl.data.checks import check_dataset
 from medmtl.data.loaders import load_split
+from medmtl.data.manifest import read_manifest
 from medmtl.data.plan import ensure_plan, load_plan, resolve_plan
 from medmtl.tracking.run import TrackedRun
-from medmtl.training.checkpoint import load_checkpoint
+from medmtl.training.checkpoint import check_writable_dir, load_checkpoint
 from medmtl.training.distributed import init_distributed
 from medmtl.training.precision import resolve_device
 from medmtl.training.trainer import Trainer
@@ -35,6 +37,10 @@ def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progres
     """
     ctx = init_distributed(resolve_device(cfg.train.device).type)
     data_dir, split = load_split(cfg)
+    # everything a user can get wrong is checked before the MLflow run exists (no run left behind)
+    check_dataset(data_dir, read_manifest(data_dir), cfg.data.labels)
+    if ctx.is_main:
+        check_writable_dir(Path(resume).parent if resume is not None else out_dir)
     plan_path = ensure_plan(data_dir, cfg)
     # the plan as this run uses it (config overrides applied): trained, logged and shipped with the model
     plan = resolve_plan(load_plan(plan_path), cfg)

@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from medmtl.tracking.spool import Spool, send_records
 from medmtl.errors import TrackingError
 
-__all__ = ["RunLogger", "NullLogger", "last_logged_steps", "SPOOL_DIR_NAME"]
+__all__ = ["RunLogger", "NullLogger", "last_logged_steps", "SPOOL_DIR_NAME", "terminate_run"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,12 @@ class RunLogger:
                 "or unset MLFLOW_TRACKING_URI and tracking.tracking_uri to use the embedded store under mlflow/"
             ) from err
         root = Path(spool_root) if spool_root is not None else Path(tempfile.gettempdir()) / "medmtl-spool"
-        self.spool = Spool(root / self.run_id / SPOOL_DIR_NAME, run_id=self.run_id, tracking_uri=tracking_uri)
+        try:
+            self.spool = Spool(root / self.run_id / SPOOL_DIR_NAME, run_id=self.run_id, tracking_uri=tracking_uri)
+        except BaseException:
+            # the run exists on the server but cannot log anything: end it FAILED rather than RUNNING forever
+            terminate_run(self.client, self.run_id, "FAILED")
+            raise
         self.flush_every = flush_every
         self.flush_interval_s = s.flush_interval_s
         self.retry_interval_s = s.retry_interval_s
@@ -255,6 +260,14 @@ def last_logged_steps(tracking_uri: str, run_id: str, spool_root: str | Path | N
             for k, _v, _ts, step in rec.get("items", ()) if rec.get("op") == "metrics" else ():
                 out[k] = max(out.get(k, -1), int(step))
     return out
+
+
+def terminate_run(client: MlflowClient, run_id: str, status: str) -> None:
+    """Set the run's final status directly on the server; a failure here is logged, never raised over the cause."""
+    try:
+        client.set_terminated(run_id, status=status)
+    except Exception as err:  # noqa: BLE001 - called while another error propagates
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, str(err).splitlines()[0] if str(err) else err)
 
 
 def _clean(key: str) -> str:

@@ -7,8 +7,11 @@ so the training pipeline reads the same on every rank.
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 from pathlib import Path
+
+from mlflow.tracking import MlflowClient
 
 import medmtl
 from medmtl.config import ExperimentConfig, config_to_yaml, flatten_config
@@ -17,7 +20,7 @@ from medmtl.data.plan import Plan
 from medmtl.evaluation.evaluate import Evaluation
 from medmtl.inference.segmenter import Segmenter
 from medmtl.models.merge import merge_adapters
-from medmtl.tracking.logger import NullLogger, RunLogger, last_logged_steps
+from medmtl.tracking.logger import NullLogger, RunLogger, terminate_run, last_logged_steps
 from medmtl.tracking.plots import log_history_plots, log_overlays
 from medmtl.inference.pyfunc_model import log_segmentation_model
 from medmtl.tracking.registry import EVAL_SET_TAG, eval_set_fingerprint
@@ -26,6 +29,8 @@ from medmtl.tracking.system_metrics import start_system_metrics
 from medmtl.training.distributed import DistributedContext
 
 __all__ = ["TrackedRun", "run_tags", "ingest_summary"]
+
+log = logging.getLogger(__name__)
 
 
 def _sha(path: Path) -> str:
@@ -97,13 +102,18 @@ class TrackedRun:
             logged = last_logged_steps(uri, resume_state["run_id"], spool_root=spool_root)
         else:
             logger = RunLogger(tags=run_tags(cfg, data_dir, plan_path, ctx, split), **common)
-            logged = {}
-            logger.log_params(flatten_config(cfg))
-            logger.log_text(config_to_yaml(cfg), "config.yaml")
-            logger.log_dict(plan.to_dict(), "plan.json")
-            logger.log_dict(ingest_summary(split), "ingest_summary.json")
-        return cls(cfg=cfg, logger=logger, tracking_uri=uri, logged_steps=logged, spool_root=spool_root,
-                   sampler=start_system_metrics(logger, cfg.tracking))
+        try:
+            if resume_state is None:
+                logged = {}
+                logger.log_params(flatten_config(cfg))
+                logger.log_text(config_to_yaml(cfg), "config.yaml")
+                logger.log_dict(plan.to_dict(), "plan.json")
+                logger.log_dict(ingest_summary(split), "ingest_summary.json")
+            return cls(cfg=cfg, logger=logger, tracking_uri=uri, logged_steps=logged, spool_root=spool_root,
+                       sampler=start_system_metrics(logger, cfg.tracking))
+        except BaseException:
+            logger.end("FAILED")  # the run exists: never leave it RUNNING
+            raise
 
     @property
     def checkpoint_dir(self) -> Path | None:
@@ -134,9 +144,15 @@ class TrackedRun:
         return model_uri
 
     def fail(self, err: BaseException | None) -> None:
-        """End the run as KILLED (Ctrl-C) or FAILED."""
-        self._stop_sampler()
-        self.logger.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        """End the run as KILLED (Ctrl-C) or FAILED; never raises over ``err`` (a full disk may fail the spool too)."""
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        try:
+            self._stop_sampler()
+            self.logger.end(status)
+        except Exception as why:  # noqa: BLE001 - the caller re-raises the real failure
+            log.warning("could not end run %s as %s through its spool (%s); setting it directly", self.run_id, status, why)
+            if self.run_id is not None:
+                terminate_run(MlflowClient(tracking_uri=self.tracking_uri), self.run_id, status)
 
     def _stop_sampler(self) -> None:
         if self._sampler is not None:
