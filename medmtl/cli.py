@@ -76,6 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run id: {res.run_id}")
     for m, d in res.test_dice.items():
         print(f"  {m.upper()}: " + "  ".join(f"{k} {v:.3f}" for k, v in d.items()))
+    if res.unsent_spool:
+        print(f"the tracking server did not take the end of run {res.run_id} (model, final status); it waits in "
+              f"{res.unsent_spool}: run `medmtl sync {res.unsent_spool}` once the server is back", file=sys.stderr)
     return 0
 
 

@@ -26,6 +26,7 @@ class TrainResult:
     tracking_uri: str
     model_uri: str | None
     test_dice: dict[str, dict[str, float]]
+    unsent_spool: str | None = None  # the tracking server was down at the end: `medmtl sync` this folder
 
 
 def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progress: bool = True,
@@ -65,4 +66,5 @@ def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progres
     except BaseException:
         run.fail(sys.exc_info()[1])
         raise
-    return TrainResult(run_id=run.run_id or "", tracking_uri=run.tracking_uri, model_uri=model_uri, test_dice=test.mean_dice)
+    return TrainResult(run_id=run.run_id or "", tracking_uri=run.tracking_uri, model_uri=model_uri, test_dice=test.mean_dice,
+                       unsent_spool=str(run.unsent_spool) if run.unsent_spool else None)

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mlflow.tracking import MlflowClient
 
@@ -134,6 +134,22 @@ class RunLogger:
         """Log a local file (copied into the spool now, so the caller may delete it)."""
         kept = self.spool.keep_file(path)
         self._append({"op": "artifact", "src": str(kept), "dst": artifact_path})
+
+    def log_model(self, stage: Callable[[Path], Any]) -> None:
+        """Spool a model: ``stage(folder)`` writes its files into a spool folder now; the upload follows in order.
+
+        So the end of a run (model, then final status) takes the same durable path as metrics: with the
+        server down the model waits on disk and ``medmtl sync`` logs it later. :attr:`model_uri` is set once
+        the server has it.
+        """
+        folder = self.spool.new_folder("model")
+        stage(folder)
+        self._append({"op": "model", "src": str(folder)})
+
+    @property
+    def model_uri(self) -> str | None:
+        """URI of the model logged through :meth:`log_model`, once the server has it."""
+        return self.spool.model_uri
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         """Write ``data`` as JSON and log it as an artifact at ``artifact_file``."""

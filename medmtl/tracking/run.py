@@ -22,7 +22,7 @@ from medmtl.inference.segmenter import Segmenter
 from medmtl.models.merge import merge_adapters
 from medmtl.tracking.logger import NullLogger, RunLogger, terminate_run, last_logged_steps
 from medmtl.tracking.plots import log_history_plots, log_overlays
-from medmtl.inference.pyfunc_model import log_segmentation_model
+from medmtl.inference.pyfunc_model import stage_model
 from medmtl.tracking.registry import EVAL_SET_TAG, eval_set_fingerprint
 from medmtl.tracking.store import apply_http_settings, ensure_experiment, resolve_tracking_uri
 from medmtl.tracking.system_metrics import start_system_metrics
@@ -74,6 +74,7 @@ class TrackedRun:
         run_id: the MLflow run id (``None`` on ranks other than 0).
         logged_steps: per metric key, the last step already stored (a resumed run skips those).
         spool_root: the folder holding ``<run_id>/`` (checkpoints and the metric spool).
+        unsent_spool: after :meth:`finish`, the spool folder still holding records (``medmtl sync`` sends them).
     """
 
     def __init__(self, *, cfg: ExperimentConfig, logger, tracking_uri: str = "", logged_steps: dict[str, int] | None = None,
@@ -82,6 +83,7 @@ class TrackedRun:
         self.run_id: str | None = getattr(logger, "run_id", None)
         self.logged_steps = logged_steps or {}
         self.spool_root = spool_root
+        self.unsent_spool: Path | None = None  # set by finish() when records (model, final status) wait for the server
         self._sampler = sampler
 
     @classmethod
@@ -132,16 +134,18 @@ class TrackedRun:
         log_overlays(logger, Segmenter(trainer.net, cfg, plan, device=trainer.device), split.evaluation, data_dir, cfg.data.labels,
                      max_cases=cfg.tracking.overlay_cases)
         self._stop_sampler()
-        logger.sync()  # give a server that is down a bounded chance to come back before the model upload
-        model_uri = None
         if cfg.tracking.log_model:
+            # the model goes through the spool like every other record, before the final status: a server
+            # that is down at the end gets it (and FINISHED) from `medmtl sync` later
             names = list(dict.fromkeys(list(cfg.data.labels["ct"].values()) + list(cfg.data.labels["mr"].values())))
             # LoRA deltas fold into per-modality kernels: the deployed model has no adapter left to run
             net, model_cfg = merge_adapters(trainer.net, cfg)
-            model_uri = log_segmentation_model(run_id=self.run_id, tracking_uri=self.tracking_uri, net=net,
-                                               cfg_yaml=config_to_yaml(model_cfg), plan=plan.to_dict(), class_names=names)
+            logger.log_model(lambda folder: stage_model(folder, net=net, cfg_yaml=config_to_yaml(model_cfg),
+                                                        plan=plan.to_dict(), class_names=names))
         logger.end("FINISHED")
-        return model_uri
+        if logger.unsent:
+            self.unsent_spool = logger.spool.folder
+        return logger.model_uri
 
     def fail(self, err: BaseException | None) -> None:
         """End the run as KILLED (Ctrl-C) or FAILED; never raises over ``err`` (a full disk may fail the spool too)."""
