@@ -28,7 +28,7 @@ from medmtl.tracking.store import apply_http_settings, ensure_experiment, resolv
 from medmtl.tracking.system_metrics import start_system_metrics
 from medmtl.training.distributed import DistributedContext
 
-__all__ = ["TrackedRun", "run_tags", "ingest_summary"]
+__all__ = ["TrackedRun", "run_tags", "ingest_summary", "code_version"]
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +37,29 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _code_version() -> str:
+def code_version() -> str:
+    """The git commit of the medmtl code that runs, or ``installed-<version>`` when it is not a git checkout.
+
+    The commit is only the project's own when this package's files are tracked in the surrounding work
+    tree: a non-editable install inside someone else's checkout (``site-packages`` of a venv in a repo)
+    must not tag runs with that repository's HEAD. ``-dirty`` marks uncommitted changes to the package.
+    """
+    pkg = Path(medmtl.__file__).resolve().parent
+    git = ["git", "-C", str(pkg)]
     try:
-        root = Path(medmtl.__file__).resolve().parents[1]
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        run = lambda *a: subprocess.run([*git, *a], capture_output=True, text=True, check=True, timeout=10).stdout.strip()  # noqa: E731
+        run("ls-files", "--error-unmatch", "--", str(pkg / "__init__.py"))  # raises unless tracked in this work tree
+        sha = run("rev-parse", "--short", "HEAD")
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", str(pkg))
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return f"installed-{medmtl.__version__}"
 
 
 def run_tags(cfg: ExperimentConfig, data_dir: Path, plan_path: Path, ctx: DistributedContext, split: Split) -> dict[str, str]:
     """Lineage tags of a new run: versions, hashes of manifest, plan and held-out set, precision, world size."""
     return {
-        "medmtl.version": medmtl.__version__, "medmtl.code_version": _code_version(),
+        "medmtl.version": medmtl.__version__, "medmtl.code_version": code_version(),
         "medmtl.manifest_sha": _sha(data_dir / "manifest.jsonl"), "medmtl.plan_sha": _sha(plan_path),
         "medmtl.precision": cfg.train.precision, "medmtl.world_size": str(ctx.world_size),
         "medmtl.sharing": "+".join(m.kind for m in cfg.sharing) or "single_task", "medmtl.weighting": cfg.weighting.method,

@@ -1,42 +1,9 @@
-"""Fixtures of the fault suite (see README.md here): the real ``medmtl`` console script in a clean environment."""
+"""The fault suite (see README.md here); its helpers live in ``fault_helpers.py``.
 
-from __future__ import annotations
+The tracking tests' server machinery (``tracking_helpers``) is put on ``sys.path`` for faults that need a server.
+"""
 
-import os
-import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-
-from medmtl.procenv import interpreter_env, interpreter_tool
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_medmtl(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``medmtl ARGS`` through the console script beside this interpreter (the real entry point).
-
-    The project's own code comes first on ``PYTHONPATH``; ``MLFLOW_*`` variables of the caller are dropped
-    (a test sets its own store through ``env``).
-    """
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    base["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p])
-    base.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run([interpreter_tool("medmtl"), *args], cwd=cwd, env=interpreter_env(base, **(env or {})),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(res: subprocess.CompletedProcess, command: str) -> str:
-    """Exit 2, exactly one line on stderr, ``medmtl <command>: error: ...``, no traceback; returns the line."""
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.returncode == 2, f"exit {res.returncode}, stderr:\n{res.stderr}"
-    assert "Traceback" not in res.stderr, res.stderr
-    assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{res.stderr}"
-    assert lines[0].startswith(f"medmtl {command}: error: "), lines[0]
-    return lines[0]
-
-
-@pytest.fixture
-def medmtl_cli():
-    """:func:`run_medmtl`, for tests that take it as a fixture."""
-    return run_medmtl
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracking"))

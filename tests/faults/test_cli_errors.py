@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_medmtl
+from fault_helpers import ROOT, assert_one_line_error, run_medmtl
 
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
 DEMO = str(ROOT / "configs" / "demo.yaml")
