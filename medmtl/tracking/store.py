@@ -39,12 +39,28 @@ def embedded_store(root: str | Path = DEFAULT_STORE_DIR) -> tuple[str, str]:
 def resolve_tracking_uri(configured: str | None) -> tuple[str, str | None]:
     """``(tracking_uri, artifact_root or None)``: config value, else ``$MLFLOW_TRACKING_URI``, else embedded."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        _check_scheme(uri, "tracking.tracking_uri" if configured else "MLFLOW_TRACKING_URI")
     if uri and uri.startswith("sqlite:///"):
         # artifacts beside the database, not in MLflow's default ./mlruns of whatever folder we run in
         return uri, (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
     if uri:
         return uri, None
     return embedded_store()
+
+
+def _check_scheme(uri: str, where: str) -> None:
+    """A :class:`TrackingError` naming ``where`` when no MLflow tracking store handles the URI's scheme."""
+    from urllib.parse import urlsplit
+
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    scheme = urlsplit(uri).scheme.split("+")[0]
+    registered = set(getattr(_tracking_store_registry, "_registry", {}))
+    known = sorted(s for s in registered if s)
+    if registered and scheme not in registered:
+        raise TrackingError(f"{where}={uri!r}: MLflow cannot track to a {scheme!r} URI (it knows "
+                            f"{', '.join(known)}); use e.g. http://HOST:5000 or sqlite:///PATH/mlflow.db")
 
 
 def apply_http_settings(tracking) -> None:

@@ -91,3 +91,8 @@ def test_a_bug_keeps_its_traceback(capsys):
     args.func = lambda a: (_ for _ in ()).throw(DataError("manifest x.jsonl:3 is bad;\n re-run ingest"))
     assert cli.run(args) == 2
     assert capsys.readouterr().err == "medmtl config show: error: manifest x.jsonl:3 is bad; re-run ingest\n"
+
+
+def test_unknown_tracking_uri_scheme_is_one_line(tmp_path):
+    res = run_medmtl(["register", BAD_RUN, "--config", DEMO], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "htp://127.0.0.1:5000"})
+    assert "MLFLOW_TRACKING_URI='htp://127.0.0.1:5000'" in assert_one_line_error(res, "register")
