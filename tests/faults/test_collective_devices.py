@@ -60,26 +60,19 @@ def record_collectives(monkeypatch, calls: list, fake_world: int | None = None) 
 
 
 def _steps(device: torch.device, ctx: DistributedContext) -> None:
-    from monai.losses import DiceCELoss
-
+    """Two real training steps (GradNorm: the probe's all-reduce runs too), built as training builds them."""
     from medmtl.config import validate_config
-    from medmtl.models.two_column import TwoColumnNet
-    from medmtl.training.precision import Precision
-    from medmtl.training.step import GradientProbe, train_step
-    from medmtl.weighting import build_weighting
+    from medmtl.training.parts import build_training_parts
 
     torch.manual_seed(0)
-    cfg = validate_config({"model": {"channels": [4, 8, 16], "num_res_units": 0}, "weighting": {"method": "gradnorm"}})
-    net = TwoColumnNet(cfg=cfg).to(device)
-    w = build_weighting(cfg.weighting, ("ct", "mr")).to(device)
-    opt = torch.optim.SGD([*net.parameters(), *w.parameters()], lr=1e-3)
-    probe = GradientProbe(net.depth_parameters(cfg.weighting.depth), ctx)
+    cfg = validate_config({"model": {"channels": [4, 8, 16], "num_res_units": 0}, "weighting": {"method": "gradnorm"},
+                           "train": {"grad_clip": 1.0}})
+    parts = build_training_parts(cfg, device, ctx)
+    assert parts.probe is not None
     g = torch.Generator().manual_seed(ctx.rank)
     for _ in range(2):
-        batch = {m: {"image": torch.randn(1, 1, 16, 16, 8, generator=g), "label": torch.randint(0, 5, (1, 1, 16, 16, 8), generator=g)}
-                 for m in ("ct", "mr")}
-        train_step(net=net, batch=batch, loss_fn=DiceCELoss(to_onehot_y=True, softmax=True), weighting=w, optimizer=opt,
-                   precision=Precision("fp32", device), grad_clip=1.0, probe=probe, device=device, dist_ctx=ctx)
+        parts.step({m: {"image": torch.randn(1, 1, 16, 16, 8, generator=g), "label": torch.randint(0, 5, (1, 1, 16, 16, 8), generator=g)}
+                    for m in ("ct", "mr")})
     all_reduce_mean(torch.tensor([1.0, 2.0], dtype=torch.float64), ctx)  # a CPU float64 value, as the step's losses
 
 
