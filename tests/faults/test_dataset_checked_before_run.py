@@ -34,7 +34,7 @@ def data_copy(tiny_dataset, tmp_path):
 
 
 def _train(tmp_path, data, uri):
-    return run_medmtl(["train", TINY, f"data.root={data}", "--out", str(tmp_path / "runs"), "train.steps=2"],
+    return run_medmtl(["train", TINY, f"data.root={data}", "train.steps=2", "--out", str(tmp_path / "runs")],
                       cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
 
 
