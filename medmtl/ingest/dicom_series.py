@@ -114,7 +114,6 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
-from medmtl.errors import IngestError
 
 from medmtl.errors import IngestError
 from medmtl.ingest.common import Findings, SkippedFile, as_list, floats, functional_group, slice_frame

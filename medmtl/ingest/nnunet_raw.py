@@ -43,7 +43,6 @@ from medmtl.errors import IngestError
 from medmtl.ingest.common import SkippedFile
 from medmtl.ingest.dicom_seg import map_label_values
 from medmtl.ingest.dicom_series import LABEL_TOL_VOXELS, LabelError, SeriesReadError
-from medmtl.errors import IngestError
 
 DATASET_JSON = "dataset.json"
 FILE_ENDINGS = (".nii.gz", ".nii")

@@ -98,7 +98,6 @@ from medmtl.data.manifest import ManifestEntry, write_manifest
 from medmtl.errors import IngestError
 from medmtl.nifti import GZIP_LEVEL, write_nifti
 from medmtl.ingest.pseudonym import Pseudonymizer, load_or_create_secret
-from medmtl.errors import IngestError
 
 try:
     import fcntl
