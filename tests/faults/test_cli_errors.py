@@ -35,6 +35,7 @@ CASES = [
     ("promote", ["promote", "no-such-model", "3", "--config", DEMO], "no-such-model"),
     ("predict", ["predict", "models:/medmtl-tiny/1", "{tmp}/no_image.nii.gz", "--modality", "CT", "--out", "{tmp}/seg.nii.gz"], "no_image"),
     ("sync", ["sync", "{tmp}"], "spool"),
+    ("adapt", ["adapt", "{tmp}/nothing/last.pt"], "last.pt"),
     ("demo", ["demo", TINY, "train.stepz=1", "--workdir", "{tmp}/demo"], "train.stepz"),
 ]
 
