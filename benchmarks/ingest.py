@@ -46,8 +46,9 @@ sys.path.insert(0, str(ROOT))
 from medmtl.ingest.dicom_series import assemble_series, check_series, quiet_pydicom, scan_file  # noqa: E402
 from medmtl.ingest.run import ingest  # noqa: E402
 from medmtl.synth import synthesize_exports  # noqa: E402
+from medmtl.procenv import interpreter_bin  # noqa: E402
 
-DCM2NIIX = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
+DCM2NIIX = str(interpreter_bin() / "dcm2niix")  # the dev dependency beside this interpreter, never PATH
 
 
 def emit(**kw) -> None:

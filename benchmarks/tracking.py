@@ -136,7 +136,7 @@ def bench_step_overhead(work: Path, steps: int, rounds: int) -> None:
     from medmtl.tracking.logger import NullLogger, RunLogger
     from medmtl.tracking.store import apply_http_settings, ensure_experiment
     from medmtl.training.trainer import Trainer
-    from pipelines.train import ensure_plan
+    from medmtl.data.plan import ensure_plan
 
     data_dir = _dataset(work / "tiny", ct_matrix=64, mr_matrix=56, n=3)
     cfg = load_config(ROOT / "tests" / "configs" / "tiny.yaml",

@@ -28,6 +28,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from medmtl.atomic import atomic_write_bytes
+from medmtl.errors import InputError
 from medmtl.nifti import write_nifti
 
 LABELS: dict[int, str] = {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right"}
@@ -748,9 +749,9 @@ def synthesize_exports(out_dir: Path | str, *, n_ct: int, n_mr: int, seed: int =
         ValueError: negative counts or a matrix too small to hold the anatomy sensibly.
     """
     if n_ct < 0 or n_mr < 0:
-        raise ValueError(f"n_ct and n_mr must be >= 0, got n_ct={n_ct}, n_mr={n_mr}.")
+        raise InputError(f"n_ct and n_mr must be >= 0, got n_ct={n_ct}, n_mr={n_mr}.")
     if ct_matrix < 16 or mr_matrix < 16:
-        raise ValueError(f"ct_matrix and mr_matrix must be >= 16, got {ct_matrix} and {mr_matrix}.")
+        raise InputError(f"ct_matrix and mr_matrix must be >= 16, got {ct_matrix} and {mr_matrix}.")
     root = Path(out_dir)
     export_dir, labels_dir = root / "export", root / "labels"
     _refuse_non_empty(export_dir)

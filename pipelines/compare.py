@@ -9,14 +9,15 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from medmtl.evaluation.delta_m import DeltaM, average_runs, delta_m
-from medmtl.tracking.store import resolve_tracking_uri
+from medmtl.errors import TrackingError
+from medmtl.tracking.store import get_run, resolve_tracking_uri
 
 METRICS = {"dice": "dice", "hd95": "hd95"}
 
 
 def run_metrics(client: MlflowClient, run_id: str) -> dict[str, dict[str, float]]:
     """``task -> {"dice": mean Dice, "hd95": mean HD95}`` from a run's ``eval/`` metrics (``test/`` Dice as fallback)."""
-    m = client.get_run(run_id).data.metrics
+    m = get_run(client, run_id).data.metrics
     out: dict[str, dict[str, float]] = {}
     for task in ("ct", "mr"):
         vals = {}
@@ -28,7 +29,7 @@ def run_metrics(client: MlflowClient, run_id: str) -> dict[str, dict[str, float]
         if vals:
             out[task] = vals
     if not out:
-        raise LookupError(f"run {run_id} has no eval/ or test/ metrics; run `medmtl evaluate {run_id}` first")
+        raise TrackingError(f"run {run_id} has no eval/ or test/ metrics; run `medmtl evaluate {run_id}` first")
     return out
 
 

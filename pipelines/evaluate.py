@@ -8,9 +8,10 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from medmtl.data.loaders import load_split
+from medmtl.errors import ModelError
 from medmtl.evaluation.evaluate import evaluate_cases
 from medmtl.tracking.logger import RunLogger
-from medmtl.tracking.store import resolve_tracking_uri, using_tracking_uri
+from medmtl.tracking.store import get_run, resolve_tracking_uri, using_tracking_uri
 
 
 @dataclass
@@ -24,10 +25,10 @@ class EvalResult:
 
 
 def _load_run_model(client: MlflowClient, run_id: str):
-    run = client.get_run(run_id)
+    run = get_run(client, run_id)
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     if not models:
-        raise LookupError(f"run {run_id} has no logged model; train with tracking.log_model=true")
+        raise ModelError(f"run {run_id} has no logged model; train with tracking.log_model=true")
     return run, mlflow.pyfunc.load_model(f"models:/{models[0].model_id}").unwrap_python_model()
 
 

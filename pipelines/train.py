@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from medmtl.config import ExperimentConfig
+from medmtl.data.checks import check_dataset
 from medmtl.data.loaders import load_split
-from medmtl.data.plan import PLAN_VERSION, compute_plan, load_plan, resolve_plan, save_plan
+from medmtl.data.manifest import read_manifest
+from medmtl.data.plan import ensure_plan, load_plan, resolve_plan
 from medmtl.tracking.run import TrackedRun
-from medmtl.training.checkpoint import load_checkpoint
+from medmtl.training.checkpoint import check_writable_dir, load_checkpoint
 from medmtl.training.distributed import init_distributed
 from medmtl.training.precision import resolve_device
 from medmtl.training.trainer import Trainer
@@ -25,20 +26,7 @@ class TrainResult:
     tracking_uri: str
     model_uri: str | None
     test_dice: dict[str, dict[str, float]]
-
-
-def ensure_plan(data_dir: Path, cfg: ExperimentConfig | None = None) -> Path:
-    """``DATA_DIR/plan.json``, computed from the manifest when missing or written by another plan version."""
-    path = data_dir / "plan.json"
-    stale = False
-    if path.exists():
-        try:
-            stale = json.loads(path.read_text()).get("version", 1) != PLAN_VERSION
-        except json.JSONDecodeError:
-            stale = True
-    if not path.exists() or stale:
-        save_plan(compute_plan(data_dir, cfg), path)
-    return path
+    unsent_spool: str | None = None  # the tracking server was down at the end: `medmtl sync` this folder
 
 
 def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progress: bool = True,
@@ -50,6 +38,10 @@ def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progres
     """
     ctx = init_distributed(resolve_device(cfg.train.device).type)
     data_dir, split = load_split(cfg)
+    # everything a user can get wrong is checked before the MLflow run exists (no run left behind)
+    check_dataset(data_dir, read_manifest(data_dir), cfg.data.labels)
+    if ctx.is_main:
+        check_writable_dir(Path(resume).parent if resume is not None else out_dir)
     plan_path = ensure_plan(data_dir, cfg)
     # the plan as this run uses it (config overrides applied): trained, logged and shipped with the model
     plan = resolve_plan(load_plan(plan_path), cfg)
@@ -74,4 +66,5 @@ def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progres
     except BaseException:
         run.fail(sys.exc_info()[1])
         raise
-    return TrainResult(run_id=run.run_id or "", tracking_uri=run.tracking_uri, model_uri=model_uri, test_dice=test.mean_dice)
+    return TrainResult(run_id=run.run_id or "", tracking_uri=run.tracking_uri, model_uri=model_uri, test_dice=test.mean_dice,
+                       unsent_spool=str(run.unsent_spool) if run.unsent_spool else None)

@@ -20,6 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from medmtl.synth import synthesize_exports
+from medmtl.procenv import interpreter_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.slow
 def demo(tmp_path_factory):
     wd = tmp_path_factory.mktemp("demo")
     synth = synthesize_exports(wd / "work" / "synth", n_ct=3, n_mr=3, seed=5, ct_matrix=64, mr_matrix=56)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = interpreter_env({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
     proc = subprocess.run(
         [sys.executable, "-m", "medmtl.cli", "demo", str(ROOT / "tests" / "configs" / "tiny.yaml"), "--workdir", "work", "--ct", "3", "--mr", "3", "--seed", "5"],
         cwd=wd, env=env, capture_output=True, text=True, timeout=900,

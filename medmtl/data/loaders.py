@@ -26,6 +26,7 @@ from medmtl.data.manifest import ManifestEntry, read_manifest
 from medmtl.data.plan import Plan
 from medmtl.data.transforms import cached_training_transforms, random_transforms
 from medmtl.modality import MODALITIES, dicom_modality
+from medmtl.errors import DataError
 
 __all__ = [
     "Split", "split_cases", "EndlessSampler", "SeededSamples", "UnpairedBatches", "augment_device", "training_dataset",
@@ -68,7 +69,7 @@ def split_cases(entries: list[ManifestEntry], *, val_fraction: float, seed: int,
         cases = sorted({e.case_id for e in labelled}, key=lambda c: _stable_key(seed, c))
         need = 3 if test_fraction > 0 else 2
         if len(cases) < need:
-            raise ValueError(f"need at least {need} labelled {dicom_modality(m)} cases for a train/validation{'/test' if need == 3 else ''} split, "
+            raise DataError(f"need at least {need} labelled {dicom_modality(m)} cases for a train/validation{'/test' if need == 3 else ''} split, "
                              f"found {len(cases)}; ingest more data or add labels" + (", or set data.test_fraction=0" if need == 3 else ""))
         n_test = min(len(cases) - 2, max(1, round(test_fraction * len(cases)))) if test_fraction > 0 else 0
         n_val = min(len(cases) - n_test - 1, max(1, round(val_fraction * len(cases))))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from medmtl.atomic import atomic_write_bytes
+from medmtl.errors import DataError
 
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -91,7 +92,7 @@ def read_manifest(data_dir: str | os.PathLike) -> list[ManifestEntry]:
     """
     path = Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DataError(
             f"{path} not found; create the dataset with `medmtl ingest EXPORT_DIR --out {data_dir}`."
         )
     entries = []
@@ -102,7 +103,7 @@ def read_manifest(data_dir: str | os.PathLike) -> list[ManifestEntry]:
             try:
                 entries.append(ManifestEntry.from_dict(json.loads(line)))
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(
+                raise DataError(
                     f"{path}:{lineno}: not a valid manifest entry ({type(e).__name__}: {e}); "
                     "re-run `medmtl ingest` to rewrite the manifest."
                 ) from e

@@ -43,9 +43,10 @@ from medmtl.config import ExperimentConfig, ModelConfig
 from medmtl.atomic import atomic_write_bytes
 from medmtl.data.manifest import ManifestEntry, read_manifest
 from medmtl.modality import MODALITIES, dicom_modality
+from medmtl.errors import DataError
 
 __all__ = [
-    "ModalityPlan", "Plan", "compute_plan", "resolve_plan", "save_plan", "load_plan", "spacing_ras", "body_mask",
+    "ModalityPlan", "Plan", "compute_plan", "ensure_plan", "resolve_plan", "save_plan", "load_plan", "spacing_ras", "body_mask",
     "nnunet_target_spacing", "activation_bytes_per_voxel", "choose_patch_and_batch", "ANISOTROPY_RATIO", "PLAN_VERSION",
 ]
 
@@ -244,7 +245,7 @@ def choose_patch_and_batch(
                     patch[ax] -= divisor
                     break
             else:
-                raise ValueError(
+                raise DataError(
                     f"preprocess.memory_budget_mb={budget_mb:g}: even a {patch} patch with batch {min_batch_size} needs "
                     f"{mem(patch, min_batch_size) / 2**20:.0f} MB; raise the budget or use a smaller model")
     else:
@@ -281,7 +282,7 @@ def _patch_and_batch(mp: ModalityPlan, inputs: dict[str, float], patch_size=None
 
 def _plan_modality(data_dir: Path, entries: list[ManifestEntry], modality: str, cfg: ExperimentConfig) -> ModalityPlan:
     if not entries:
-        raise ValueError(f"{data_dir / 'manifest.jsonl'}: no {dicom_modality(modality)} images; both modalities are needed for joint training")
+        raise DataError(f"{data_dir / 'manifest.jsonl'}: no {dicom_modality(modality)} images; both modalities are needed for joint training")
     spacings, shapes, fg = [], [], []
     rng = np.random.default_rng(FG_SAMPLING_SEED)
     cap = cfg.preprocess.fg_samples_per_image
@@ -300,7 +301,7 @@ def _plan_modality(data_dir: Path, entries: list[ManifestEntry], modality: str, 
     intensity: dict[str, float] = {}
     if modality == "ct":
         if not fg or not sum(v.size for v in fg):
-            raise ValueError(f"{data_dir / 'manifest.jsonl'}: no labelled CT foreground; the CT intensity window is planned from labelled foreground")
+            raise DataError(f"{data_dir / 'manifest.jsonl'}: no labelled CT foreground; the CT intensity window is planned from labelled foreground")
         allfg = np.concatenate(fg).astype(np.float64)
         lo, hi = np.percentile(allfg, [0.5, 99.5])
         clipped = np.clip(allfg, lo, hi)
@@ -379,10 +380,27 @@ def load_plan(path: str | Path) -> Plan:
     try:
         raw = json.loads(path.read_text())
         if raw.get("version", 1) != PLAN_VERSION:
-            raise ValueError(f"plan {path} has version {raw.get('version', 1)}, this medmtl writes {PLAN_VERSION}; "
+            raise DataError(f"plan {path} has version {raw.get('version', 1)}, this medmtl writes {PLAN_VERSION}; "
                              "run `medmtl plan DATA_DIR` again")
         return Plan(ct=ModalityPlan(**raw["ct"]), mr=ModalityPlan(**raw["mr"]), version=raw["version"])
     except FileNotFoundError:
-        raise FileNotFoundError(f"plan {path} not found; run `medmtl plan DATA_DIR` first") from None
+        raise DataError(f"plan {path} not found; run `medmtl plan DATA_DIR` first") from None
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
-        raise ValueError(f"plan {path} is malformed ({err}); delete it and run `medmtl plan DATA_DIR` again") from None
+        raise DataError(f"plan {path} is malformed ({err}); delete it and run `medmtl plan DATA_DIR` again") from None
+
+
+def ensure_plan(data_dir: str | Path, cfg: ExperimentConfig | None = None, *, recompute: bool = False) -> Path:
+    """``DATA_DIR/plan.json``, computed from the manifest when missing, written by another plan version or unreadable.
+
+    ``recompute=True`` (``medmtl plan``) writes a fresh plan whatever is there.
+    """
+    path = Path(data_dir) / "plan.json"
+    stale = recompute or not path.exists()
+    if not stale:
+        try:
+            stale = json.loads(path.read_text()).get("version", 1) != PLAN_VERSION
+        except json.JSONDecodeError:
+            stale = True
+    if stale:
+        save_plan(compute_plan(data_dir, cfg), path)
+    return path

@@ -13,6 +13,7 @@ from medmtl.data.manifest import ManifestEntry
 from medmtl.data.transforms import RemapLabels
 from medmtl.inference.segmenter import Segmenter
 from medmtl.evaluation.metrics import dice_per_class, hd95_per_class, mean_ignoring_nan
+from medmtl.errors import DataError
 
 __all__ = ["Evaluation", "evaluate_cases"]
 
@@ -68,7 +69,7 @@ def evaluate_cases(segmenter: Segmenter, entries: dict[str, list[ManifestEntry]]
             ref_img = nib.load(str(data_dir / e.label))
             ref = remap(torch.as_tensor(np.asarray(ref_img.dataobj))).numpy()
             if not np.allclose(ref_img.affine, pred.affine, atol=1e-3):
-                raise ValueError(f"{e.label}: prediction affine differs from the reference mask's; the image and mask grids disagree")
+                raise DataError(f"{e.label}: prediction affine differs from the reference mask's; the image and mask grids disagree")
             d = dice_per_class(pred.class_indices, ref, len(names))
             row = {"case_id": e.case_id, "series_key": e.series_key, "modality": m, **{n: float(v) for n, v in zip(names, d)}}
             if hd95:

@@ -26,6 +26,7 @@ import numpy as np
 
 from medmtl.atomic import atomic_path
 from medmtl.modality import MODALITIES, Modality, dicom_modality, parse_modality
+from medmtl.errors import InputError
 from medmtl.nifti import write_nifti as _write_nifti
 
 __all__ = ["ModelInput", "InputKind", "read_model_input", "read_dicom_series", "write_nifti", "write_dicom_seg", "SegNotPossible"]
@@ -34,7 +35,7 @@ __all__ = ["ModelInput", "InputKind", "read_model_input", "read_dicom_series", "
 InputKind = Literal["nifti", "dicom", "array"]
 
 
-class SegNotPossible(ValueError):
+class SegNotPossible(InputError, ValueError):
     """A DICOM SEG cannot reference the source frames one to one (the message says why)."""
 
 
@@ -69,7 +70,7 @@ class ModelInput:
 def _modality(value, where: str) -> Modality:
     m = parse_modality(value)
     if m is None:
-        raise ValueError(f"{where}: modality must be {' or '.join(map(dicom_modality, MODALITIES))}, got {value!r}")
+        raise InputError(f"{where}: modality must be {' or '.join(map(dicom_modality, MODALITIES))}, got {value!r}")
     return m
 
 
@@ -103,10 +104,10 @@ def read_dicom_series(folder: str | Path):
         accepted = [p for p in plans if p.accepted and parse_modality(p.modality) is not None]
         if not accepted:
             why = sorted({f"{r}: {p.details.get(r, '')}" for p in plans for r in p.reasons})
-            raise ValueError(f"{folder}: no CT or MR image series to segment ({len(files)} files"
+            raise InputError(f"{folder}: no CT or MR image series to segment ({len(files)} files"
                              + (f"; rejected: {'; '.join(why)}" if why else "") + ")")
         if len(accepted) > 1:
-            raise ValueError(f"{folder}: holds {len(accepted)} image series; pass the folder of one series")
+            raise InputError(f"{folder}: holds {len(accepted)} image series; pass the folder of one series")
         plan = accepted[0]
         rel = lambda p: os.path.relpath(p, folder)  # noqa: E731 - error messages name files relative to the input
         return read_volume(plan, relpath=rel), plan
@@ -122,23 +123,23 @@ def read_model_input(row: dict, where: str = "input") -> ModelInput:
             vol, plan = read_dicom_series(p)
             modality = _modality(row.get("modality") or plan.modality, f"{where} ({p})")
             if row.get("modality") and modality != parse_modality(plan.modality):
-                raise ValueError(f"{where} ({p}): modality {row['modality']!r} given, but the series is {plan.modality}")
+                raise InputError(f"{where} ({p}): modality {row['modality']!r} given, but the series is {plan.modality}")
             return _from_array(vol, np.asarray(plan.affine, dtype=np.float64), "dicom", modality, plan)
         if not p.is_file():
-            raise FileNotFoundError(f"{where}: image {p} not found (a NIfTI file or a DICOM series folder)")
+            raise InputError(f"{where}: image {p} not found (a NIfTI file or a DICOM series folder)")
         img = nib.load(str(p))
         return ModelInput("nifti", _modality(row.get("modality"), f"{where} ({p})"), p, tuple(int(s) for s in img.shape[:3]),
                           np.asarray(img.affine, dtype=np.float64))
     if array is not None and not (isinstance(array, float) and np.isnan(array)):
         vol = np.asarray(array, dtype=np.float32)
         if vol.ndim != 3:
-            raise ValueError(f"{where}: array must have three dimensions (X, Y, Z), got shape {vol.shape}")
+            raise InputError(f"{where}: array must have three dimensions (X, Y, Z), got shape {vol.shape}")
         affine = row.get("affine")
         aff = np.eye(4) if affine is None or (isinstance(affine, float) and np.isnan(affine)) else np.asarray(affine, dtype=np.float64)
         if aff.shape != (4, 4):
-            raise ValueError(f"{where}: affine must be a 4x4 list of lists (voxel -> RAS mm), got shape {aff.shape}")
+            raise InputError(f"{where}: affine must be a 4x4 list of lists (voxel -> RAS mm), got shape {aff.shape}")
         return _from_array(vol, aff, "array", _modality(row.get("modality"), where), None)
-    raise ValueError(f"{where}: give 'image' (a NIfTI file or DICOM series folder) or 'array' (+ 'affine')")
+    raise InputError(f"{where}: give 'image' (a NIfTI file or DICOM series folder) or 'array' (+ 'affine')")
 
 
 def _from_array(vol: np.ndarray, affine: np.ndarray, kind: InputKind, modality: Modality, plan) -> ModelInput:

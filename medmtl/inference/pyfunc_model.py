@@ -34,6 +34,7 @@ from medmtl.modality import MODALITIES, dicom_modality
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
+from medmtl.errors import InputError
 
 __all__ = ["SegmentationModel", "log_segmentation_model", "MODEL_ARTIFACT_PATH", "model_signature"]
 
@@ -96,7 +97,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                 write_nifti(pred.labels.astype(np.uint8), inp.affine, Path(out))
             if seg_out:
                 if inp.kind != "dicom":
-                    raise ValueError(f"row {i}: seg_output needs a DICOM series folder as input")
+                    raise InputError(f"row {i}: seg_output needs a DICOM series folder as input")
                 try:
                     write_dicom_seg(pred.class_indices, inp.dicom_plan, names, Path(seg_out))
                 except SegNotPossible as why:
@@ -124,36 +125,52 @@ def _all_class_names(cfg) -> list[str]:
 
 def log_segmentation_model(*, run_id: str, tracking_uri: str, net: torch.nn.Module, cfg_yaml: str, plan: dict, class_names: list[str]) -> str:
     """Log the pyfunc model (weights, config, plan, medmtl source) into ``run_id``; returns its model URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stage_model(Path(tmp), net=net, cfg_yaml=cfg_yaml, plan=plan, class_names=class_names)
+        return log_staged_model(Path(tmp), run_id=run_id, tracking_uri=tracking_uri)
+
+
+def stage_model(folder: Path, *, net: torch.nn.Module, cfg_yaml: str, plan: dict, class_names: list[str]) -> Path:
+    """Write everything the model is logged from into ``folder`` (local disk only, no server involved).
+
+    A run's end spools the staged folder (:mod:`medmtl.tracking.spool`), so the model survives a tracking
+    outage and :func:`log_staged_model` logs it when the server answers.
+    """
     import medmtl
 
+    folder.mkdir(parents=True, exist_ok=True)
+    # ship the library the model needs, not the synthetic-export generator (its fake-name pools
+    # would put patient-like strings into every model) nor byte caches
+    shutil.copytree(Path(medmtl.__file__).parent, folder / "code" / "medmtl", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "synth.py"))
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, folder / "weights.pt")
+    (folder / "config.yaml").write_text(cfg_yaml)
+    (folder / "plan.json").write_text(json.dumps(plan, indent=2))
+    (folder / "class_names.json").write_text(json.dumps(class_names))
+    return folder
+
+
+def log_staged_model(folder: Path, *, run_id: str, tracking_uri: str) -> str:
+    """Log a :func:`stage_model` folder into ``run_id`` as the pyfunc model; returns its model URI."""
     from medmtl.tracking.store import using_tracking_uri
 
-    with tempfile.TemporaryDirectory() as tmp, using_tracking_uri(tracking_uri):
-        tmp = Path(tmp)
-        # ship the library the model needs, not the synthetic-export generator (its fake-name pools
-        # would put patient-like strings into every model) nor byte caches
-        pkg_dir = tmp / "code" / "medmtl"
-        shutil.copytree(Path(medmtl.__file__).parent, pkg_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "synth.py"))
-        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp / "weights.pt")
-        (tmp / "config.yaml").write_text(cfg_yaml)
-        (tmp / "plan.json").write_text(json.dumps(plan, indent=2))
-        reqs = [
-            f"torch=={torch.__version__.split('+')[0]}", f"monai=={_version('monai')}", f"nibabel=={_version('nibabel')}",
-            f"mlflow=={mlflow.__version__}", f"pydantic=={_version('pydantic')}", f"pyyaml=={_version('yaml')}",
-            f"numpy=={np.__version__}", f"pandas=={pd.__version__}", f"pydicom=={_version('pydicom')}",
-            f"highdicom=={_version('highdicom')}",
-        ]
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            # the signature is explicit; an input example would make MLflow run a whole inference at log time
-            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT_PATH,
-                python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # models from code: nothing pickled
-                artifacts={"weights": str(tmp / "weights.pt"), "config": str(tmp / "config.yaml"), "plan": str(tmp / "plan.json")},
-                code_paths=[str(pkg_dir)],
-                pip_requirements=reqs,
-                signature=model_signature(class_names),
-            )
+    reqs = [
+        f"torch=={torch.__version__.split('+')[0]}", f"monai=={_version('monai')}", f"nibabel=={_version('nibabel')}",
+        f"mlflow=={mlflow.__version__}", f"pydantic=={_version('pydantic')}", f"pyyaml=={_version('yaml')}",
+        f"numpy=={np.__version__}", f"pandas=={pd.__version__}", f"pydicom=={_version('pydicom')}",
+        f"highdicom=={_version('highdicom')}",
+    ]
+    class_names = json.loads((folder / "class_names.json").read_text())
+    with using_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # the signature is explicit; an input example would make MLflow run a whole inference at log time
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT_PATH,
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # models from code: nothing pickled
+            artifacts={"weights": str(folder / "weights.pt"), "config": str(folder / "config.yaml"), "plan": str(folder / "plan.json")},
+            code_paths=[str(folder / "code" / "medmtl")],
+            pip_requirements=reqs,
+            signature=model_signature(class_names),
+        )
     return info.model_uri
 
 

@@ -20,6 +20,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from medmtl.errors import IngestError
+
 SECRET_FILE_NAME = ".medmtl_secret"
 PSEUDONYM_HEX_CHARS = 12
 
@@ -28,7 +30,7 @@ PSEUDONYM_HEX_CHARS = 12
 _UID_LIKE = re.compile(r"^\d+(\.\d+){3,}")
 
 
-class SecretFileError(RuntimeError):
+class SecretFileError(IngestError, RuntimeError):
     """The secret file exists but cannot be used (wrong permissions, unreadable, malformed)."""
 
 

@@ -22,13 +22,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mlflow.tracking import MlflowClient
 
 from medmtl.tracking.spool import Spool, send_records
+from medmtl.errors import TrackingError
 
-__all__ = ["RunLogger", "NullLogger", "last_logged_steps", "SPOOL_DIR_NAME"]
+__all__ = ["RunLogger", "NullLogger", "last_logged_steps", "SPOOL_DIR_NAME", "terminate_run"]
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,17 @@ class RunLogger:
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
         except Exception as err:
-            raise ConnectionError(
+            raise TrackingError(
                 f"cannot start an MLflow run at {tracking_uri}: {err}. Start the server (see mlflow/README.md), "
                 "or unset MLFLOW_TRACKING_URI and tracking.tracking_uri to use the embedded store under mlflow/"
             ) from err
         root = Path(spool_root) if spool_root is not None else Path(tempfile.gettempdir()) / "medmtl-spool"
-        self.spool = Spool(root / self.run_id / SPOOL_DIR_NAME, run_id=self.run_id, tracking_uri=tracking_uri)
+        try:
+            self.spool = Spool(root / self.run_id / SPOOL_DIR_NAME, run_id=self.run_id, tracking_uri=tracking_uri)
+        except BaseException:
+            # the run exists on the server but cannot log anything: end it FAILED rather than RUNNING forever
+            terminate_run(self.client, self.run_id, "FAILED")
+            raise
         self.flush_every = flush_every
         self.flush_interval_s = s.flush_interval_s
         self.retry_interval_s = s.retry_interval_s
@@ -128,6 +134,22 @@ class RunLogger:
         """Log a local file (copied into the spool now, so the caller may delete it)."""
         kept = self.spool.keep_file(path)
         self._append({"op": "artifact", "src": str(kept), "dst": artifact_path})
+
+    def log_model(self, stage: Callable[[Path], Any]) -> None:
+        """Spool a model: ``stage(folder)`` writes its files into a spool folder now; the upload follows in order.
+
+        So the end of a run (model, then final status) takes the same durable path as metrics: with the
+        server down the model waits on disk and ``medmtl sync`` logs it later. :attr:`model_uri` is set once
+        the server has it.
+        """
+        folder = self.spool.new_folder("model")
+        stage(folder)
+        self._append({"op": "model", "src": str(folder)})
+
+    @property
+    def model_uri(self) -> str | None:
+        """URI of the model logged through :meth:`log_model`, once the server has it."""
+        return self.spool.model_uri
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         """Write ``data`` as JSON and log it as an artifact at ``artifact_file``."""
@@ -254,6 +276,14 @@ def last_logged_steps(tracking_uri: str, run_id: str, spool_root: str | Path | N
             for k, _v, _ts, step in rec.get("items", ()) if rec.get("op") == "metrics" else ():
                 out[k] = max(out.get(k, -1), int(step))
     return out
+
+
+def terminate_run(client: MlflowClient, run_id: str, status: str) -> None:
+    """Set the run's final status directly on the server; a failure here is logged, never raised over the cause."""
+    try:
+        client.set_terminated(run_id, status=status)
+    except Exception as err:  # noqa: BLE001 - called while another error propagates
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, str(err).splitlines()[0] if str(err) else err)
 
 
 def _clean(key: str) -> str:

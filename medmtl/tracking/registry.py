@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from medmtl.tracking.store import using_tracking_uri
+from medmtl.errors import ModelError
 from medmtl.modality import MODALITIES
+from medmtl.tracking.store import get_run, using_tracking_uri
 
 __all__ = ["RegisteredVersion", "GateDecision", "register_run_model", "check_gates", "promote", "CHALLENGER", "CHAMPION",
            "EVAL_SET_TAG", "eval_set_fingerprint"]
@@ -67,11 +68,11 @@ def register_run_model(*, tracking_uri: str, run_id: str, name: str, model_uri: 
     hashes) and a description, so the registry alone tells where a version came from.
     """
     client = MlflowClient(tracking_uri=tracking_uri)
-    run = client.get_run(run_id)
+    run = get_run(client, run_id)
     if model_uri is None:
         models = client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
         if not models:
-            raise LookupError(f"run {run_id} has no logged model; train with tracking.log_model=true")
+            raise ModelError(f"run {run_id} has no logged model; train with tracking.log_model=true")
         model_uri = f"models:/{models[0].model_id}"
     try:
         client.get_registered_model(name)
@@ -135,7 +136,7 @@ def check_gates(*, tracking_uri: str, name: str, version: str, gate) -> GateDeci
     try:
         dice, eval_sha = _version_evidence(client, name, version)
     except MlflowException as err:
-        raise LookupError(f"registered model {name!r} has no version {version}; list versions in the MLflow UI "
+        raise ModelError(f"registered model {name!r} has no version {version}; list versions in the MLflow UI "
                           f"or with `mlflow models` ({err.message})") from None
     d = GateDecision(name=name, version=version, passed=False)
     if not dice:

@@ -1,7 +1,7 @@
 """A run's write-ahead log of tracking records on local disk, and the sender that drains it.
 
 Every record a :class:`~medmtl.tracking.logger.RunLogger` produces (metric points, params, tags,
-artifacts, the final status) is appended to ``<spool_dir>/records.jsonl`` before it is sent, and a
+artifacts, the model, the final status) is appended to ``<spool_dir>/records.jsonl`` before it is sent, and a
 separate offset file says how far the server has acknowledged. So:
 
 * a flush is a local append (and ``fsync``), never a network wait: training does not stall when the
@@ -35,6 +35,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from medmtl.atomic import atomic_write_bytes
+from medmtl.errors import InputError, TrackingError
 
 __all__ = ["Spool", "SpoolRecord", "send_records", "is_transient", "replay_spool", "SPOOL_META"]
 
@@ -69,11 +70,12 @@ class Spool:
         (self.folder / _FILES).mkdir(exist_ok=True)
         self.path = self.folder / _RECORDS
         self.run_id, self.tracking_uri = run_id, tracking_uri
+        self.model_uri: str | None = None  # set when a spooled model has been logged
         meta = self.folder / SPOOL_META
         if meta.exists():
             old = json.loads(meta.read_text())
             if old.get("run_id") != run_id:
-                raise ValueError(f"spool {self.folder} belongs to run {old.get('run_id')}, not {run_id}; "
+                raise TrackingError(f"spool {self.folder} belongs to run {old.get('run_id')}, not {run_id}; "
                                  "send it first (python -m medmtl.tracking.spool FOLDER) or choose another folder")
         else:
             atomic_write_bytes(meta, json.dumps({"run_id": run_id, "tracking_uri": _without_credentials(tracking_uri)}).encode())
@@ -111,6 +113,12 @@ class Spool:
         shutil.copyfile(src, dst)
         return dst
 
+    def new_folder(self, name: str) -> Path:
+        """A fresh folder inside the spool for a record's files (e.g. a staged model); removed once acknowledged."""
+        dst = self.folder / _FILES / uuid.uuid4().hex / name
+        dst.mkdir(parents=True)
+        return dst
+
     # -- draining (one sender thread)
     def pending(self) -> list[SpoolRecord]:
         """Records not yet acknowledged, oldest first."""
@@ -122,7 +130,7 @@ class Spool:
         with self._lock:
             while self._unsent and self._unsent[0].end <= upto.end:
                 rec = self._unsent.popleft()
-                if rec.data.get("op") == "artifact":
+                if rec.data.get("op") in ("artifact", "model"):
                     shutil.rmtree(Path(rec.data["src"]).parent, ignore_errors=True)
             self._acked = upto.end
             if not self._unsent:
@@ -195,8 +203,9 @@ def _batches(records: list[SpoolRecord]) -> list[tuple[str, list[SpoolRecord]]]:
     return out
 
 
-def _send(client, run_id: str, op: str, recs: list[SpoolRecord]) -> int:
-    """One request for ``recs``; returns the number of metric points sent."""
+def _send(client, spool: Spool, op: str, recs: list[SpoolRecord]) -> int:
+    """One request for ``recs`` (a model: its upload); returns the number of metric points sent."""
+    run_id = spool.run_id
     items = [it for r in recs for it in r.data.get("items", ())]
     if op == "metrics":
         client.log_batch(run_id, metrics=[Metric(k, float(v), int(ts), int(s)) for k, v, ts, s in items])
@@ -208,6 +217,10 @@ def _send(client, run_id: str, op: str, recs: list[SpoolRecord]) -> int:
     elif op == "artifact":
         d = recs[0].data
         client.log_artifact(run_id, d["src"], artifact_path=d.get("dst"))
+    elif op == "model":
+        from medmtl.inference.pyfunc_model import log_staged_model
+
+        spool.model_uri = log_staged_model(Path(recs[0].data["src"]), run_id=run_id, tracking_uri=spool.tracking_uri)
     elif op == "terminate":
         d = recs[0].data
         client.set_terminated(run_id, status=d["status"], end_time=d["end_time"])
@@ -228,13 +241,13 @@ def send_records(spool: Spool, client, *, stop: Callable[[], bool] = lambda: Fal
         if stop():
             return False, sent
         try:
-            sent += _send(client, spool.run_id, op, recs)
+            sent += _send(client, spool, op, recs)
         except Exception as err:  # noqa: BLE001 - classified below
             if is_transient(err):
                 return False, sent
             for rec in recs if len(recs) > 1 else []:
                 try:
-                    sent += _send(client, spool.run_id, op, [rec])
+                    sent += _send(client, spool, op, [rec])
                 except Exception as one:  # noqa: BLE001
                     if is_transient(one):
                         return False, sent
@@ -252,7 +265,7 @@ def replay_spool(folder: str | Path, tracking_uri: str | None = None) -> int:
     folder = Path(folder)
     meta_path = folder / SPOOL_META
     if not meta_path.exists():
-        raise FileNotFoundError(f"{folder} is not a tracking spool (no {SPOOL_META}); pass the folder named in the run's warning")
+        raise InputError(f"{folder} is not a tracking spool (no {SPOOL_META}); pass the folder named in the run's warning")
     meta = json.loads(meta_path.read_text())
     uri = tracking_uri or meta["tracking_uri"]
     spool = Spool(folder, run_id=meta["run_id"], tracking_uri=uri)

@@ -21,8 +21,10 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from medmtl.errors import TrackingError
+
 __all__ = ["resolve_tracking_uri", "embedded_store", "prepare_store", "ensure_experiment", "ui_command",
-           "apply_http_settings", "using_tracking_uri", "DEFAULT_STORE_DIR"]
+           "apply_http_settings", "using_tracking_uri", "get_run", "DEFAULT_STORE_DIR"]
 
 DEFAULT_STORE_DIR = Path("mlflow")
 
@@ -37,12 +39,28 @@ def embedded_store(root: str | Path = DEFAULT_STORE_DIR) -> tuple[str, str]:
 def resolve_tracking_uri(configured: str | None) -> tuple[str, str | None]:
     """``(tracking_uri, artifact_root or None)``: config value, else ``$MLFLOW_TRACKING_URI``, else embedded."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        _check_scheme(uri, "tracking.tracking_uri" if configured else "MLFLOW_TRACKING_URI")
     if uri and uri.startswith("sqlite:///"):
         # artifacts beside the database, not in MLflow's default ./mlruns of whatever folder we run in
         return uri, (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
     if uri:
         return uri, None
     return embedded_store()
+
+
+def _check_scheme(uri: str, where: str) -> None:
+    """A :class:`TrackingError` naming ``where`` when no MLflow tracking store handles the URI's scheme."""
+    from urllib.parse import urlsplit
+
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    scheme = urlsplit(uri).scheme.split("+")[0]
+    registered = set(getattr(_tracking_store_registry, "_registry", {}))
+    known = sorted(s for s in registered if s)
+    if registered and scheme not in registered:
+        raise TrackingError(f"{where}={uri!r}: MLflow cannot track to a {scheme!r} URI (it knows "
+                            f"{', '.join(known)}); use e.g. http://HOST:5000 or sqlite:///PATH/mlflow.db")
 
 
 def apply_http_settings(tracking) -> None:
@@ -124,6 +142,19 @@ def using_tracking_uri(tracking_uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+def get_run(client: MlflowClient, run_id: str):
+    """``client.get_run(run_id)``; an unknown id or an unreachable store is a :class:`TrackingError` naming both."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException as err:
+        uri = client.tracking_uri
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+            raise TrackingError(f"run {run_id!r} not found at {uri}; copy the run id from `medmtl train` or the MLflow UI, "
+                                "and check MLFLOW_TRACKING_URI") from None
+        raise TrackingError(f"cannot read run {run_id!r} from {uri}: {str(err).splitlines()[0][:300]}; "
+                            "check that the tracking server is up (see mlflow/README.md)") from None
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -5,7 +5,13 @@ Weights are stored as plain tensors so that they load with ``torch.load(weights_
 
 from __future__ import annotations
 
+import errno
+import io
+import os
+import pickle
 import random
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -13,23 +19,69 @@ import numpy as np
 import torch
 
 from medmtl.atomic import atomic_path
+from medmtl.errors import TrainingError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng", "random_states_of"]
+__all__ = ["save_checkpoint", "load_checkpoint", "check_writable_dir", "NoSpaceLeft", "capture_rng", "restore_rng",
+           "random_states_of"]
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` via a temporary file and ``os.replace`` (no half-written checkpoint)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+class NoSpaceLeft(TrainingError):
+    """The disk filled up while writing a checkpoint (the previous checkpoint file is untouched)."""
+
+    def __init__(self, path: Path, last_good: str) -> None:
+        super().__init__(f"no space left on device writing {path}; last good checkpoint: {last_good}")
+        self.path = path
+
+
+def _write_file(path: Path, data) -> None:
+    with open(path, "wb") as fh:  # atomic_path fsyncs before the rename
+        fh.write(data)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], *, last_good: str = "none yet") -> Path:
+    """Write ``state`` to ``path`` via a temporary file and ``os.replace`` (no half-written checkpoint).
+
+    The state is serialized in memory first, so a full disk surfaces as ``ENOSPC`` on the write (torch's zip
+    writer would say ``[enforce fail at inline_container.cc]``) and becomes :class:`NoSpaceLeft`, naming the
+    file and ``last_good`` (e.g. ``"step 40 (runs/<id>/last.pt)"``); the file at ``path`` is then unchanged.
+    """
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    try:
+        with atomic_path(path) as tmp:
+            _write_file(Path(tmp), buf.getbuffer())
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpaceLeft(path, last_good) from None
+        raise
+    return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; the error names the file."""
+    """Load a checkpoint with ``weights_only=True``; a missing, truncated or foreign file is a :class:`TrainingError`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise TrainingError(f"checkpoint {path} not found; pass the last.pt of an earlier run (runs/<run_id>/last.pt)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        why = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        raise TrainingError(f"checkpoint {path} is truncated or not a medmtl checkpoint ({why}); resume from another "
+                            "checkpoint of the run (best.pt, or an intact last.pt) or start a new run") from None
+
+
+def check_writable_dir(folder: str | Path, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove a file can be written there; else :class:`TrainingError` naming it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".medmtl-write-test-"):
+            pass
+    except OSError as err:
+        raise TrainingError(f"{what} {folder} is not writable ({err.strerror or err}); pass --out a folder you can "
+                            "write to") from None
+    return folder
 
 
 # ------------------------------------------------------------------------------ random-number states
@@ -100,6 +152,6 @@ def restore_rng(state: dict[str, Any], transforms: dict[str, Any]) -> None:
         gens = random_states_of(t)
         saved = state["transforms"][name]
         if len(gens) != len(saved):
-            raise ValueError(f"checkpoint holds {len(saved)} generator states for the {name} transforms, the chain has {len(gens)}; resume with the same config")
+            raise TrainingError(f"checkpoint holds {len(saved)} generator states for the {name} transforms, the chain has {len(gens)}; resume with the same config")
         for r, s in zip(gens, saved):
             r.set_state(_np_state_from_plain(s))

@@ -41,6 +41,15 @@ class DistributedContext:
         return self.world_size > 1
 
     @property
+    def device(self) -> torch.device:
+        """The device of every tensor handed to a collective: ``cuda:<local_rank>`` under NCCL, else the CPU.
+
+        NCCL refuses CPU tensors ("No backend type associated with device type cpu"), gloo handles CPU
+        tensors; values computed on another device are moved here for the collective and back after it.
+        """
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    @property
     def is_main(self) -> bool:
         """Rank 0: the only process that writes checkpoints and talks to MLflow."""
         return self.rank == 0
@@ -75,7 +84,7 @@ def average_gradients(params: list[torch.nn.Parameter], ctx: DistributedContext)
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
-    flat = _flatten_dense_tensors(grads)
+    flat = _flatten_dense_tensors(grads).to(ctx.device)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat.div_(ctx.world_size)
     for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
@@ -83,12 +92,16 @@ def average_gradients(params: list[torch.nn.Parameter], ctx: DistributedContext)
 
 
 def all_reduce_mean(t: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
-    """Mean of ``t`` over ranks (returns ``t`` itself in a single process)."""
+    """Mean of ``t`` over ranks, on ``t``'s device (returns ``t`` itself in a single process).
+
+    The reduction runs on :attr:`DistributedContext.device` (e.g. the step's CPU float64 task losses go
+    to the GPU under NCCL and come back).
+    """
     if not ctx.enabled:
         return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.div_(ctx.world_size)
+    out = t.to(ctx.device, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.div_(ctx.world_size).to(t.device)
 
 
 def state_digest(tensors: dict[str, torch.Tensor]) -> str:

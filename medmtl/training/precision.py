@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from medmtl.errors import ConfigError
 
 __all__ = ["Precision", "PrecisionMode", "resolve_device"]
 
@@ -22,7 +23,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; set train.device=cpu or auto")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; set train.device=cpu or auto")
     return torch.device(name)
 
 
@@ -35,7 +36,7 @@ class Precision:
 
     def __post_init__(self) -> None:
         if self.mode == "fp16" and self.device.type != "cuda":
-            raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 (or fp32) on CPU")
+            raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 (or fp32) on CPU")
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.mode]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.mode == "fp16")
 

@@ -86,6 +86,7 @@ class Trainer:
         self.skipped = 0
         self.best_score = -math.inf
         self.history: list[dict[str, float]] = []
+        self._saved: dict[str, int] = {}  # checkpoint name -> step it holds (for the disk-full message)
 
     # ---------------------------------------------------------------------------------- state
     def _transform_chains(self) -> dict:
@@ -113,13 +114,18 @@ class Trainer:
         self.stream.load_state_dict(state["stream"])
         restore_rng(state["rng"], self._transform_chains())
         self.step, self.skipped, self.best_score = int(state["step"]), int(state["skipped"]), float(state["best_score"])
+        self._saved.setdefault("last.pt", self.step)
         self.run_id = state.get("run_id") or self.run_id
 
     def save(self, name: str) -> Path | None:
         """Write ``out_dir/name`` atomically (rank 0 only)."""
         if not self.dist.is_main:
             return None
-        return save_checkpoint(self.out_dir / name, self.state_dict())
+        good = self._saved.get("last.pt")
+        path = save_checkpoint(self.out_dir / name, self.state_dict(),
+                               last_good=f"step {good} ({self.out_dir / 'last.pt'})" if good is not None else "none yet")
+        self._saved[name] = self.step
+        return path
 
     def check_in_sync(self) -> str:
         """Digest of the weights and task weights; under DDP, raises unless identical on every rank."""

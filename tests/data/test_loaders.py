@@ -8,6 +8,7 @@ import torch
 
 from medmtl.config import load_config
 from medmtl.data.loaders import EndlessSampler, Split, build_training_stream, split_cases
+from medmtl.errors import DataError
 from medmtl.data.manifest import read_manifest
 from medmtl.data.plan import compute_plan
 
@@ -111,6 +112,6 @@ def test_test_split_is_disjoint_reproducible_and_takes_the_final_scores(tiny_dat
     assert a.evaluation is a.test
     without = split_cases(entries, val_fraction=0.34, seed=3)
     assert without.evaluation is without.val and not any(without.test.values())
-    with pytest.raises(ValueError, match="data.test_fraction=0"):
+    with pytest.raises(DataError, match="data.test_fraction=0"):
         split_cases([e for e in entries if e.modality == "MR"][:2] + [e for e in entries if e.modality == "CT"],
                     val_fraction=0.34, test_fraction=0.34, seed=3)

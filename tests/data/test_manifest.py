@@ -7,6 +7,7 @@ import json
 import pytest
 
 from medmtl.data.manifest import ManifestEntry, atomic_write_bytes, read_manifest, write_manifest
+from medmtl.errors import DataError
 
 
 def _entry(case="case-000000000001", label="labels/x.nii.gz"):
@@ -33,13 +34,13 @@ def test_unknown_keys_are_ignored_for_forward_compatibility(tmp_path):
 
 
 def test_missing_manifest_says_to_run_ingest(tmp_path):
-    with pytest.raises(FileNotFoundError, match="medmtl ingest"):
+    with pytest.raises(DataError, match="medmtl ingest"):
         read_manifest(tmp_path)
 
 
 def test_bad_line_is_reported_with_its_number(tmp_path):
     (tmp_path / "manifest.jsonl").write_text(json.dumps(_entry().to_dict()) + "\n{\"case_id\": 1}\n")
-    with pytest.raises(ValueError, match=r"manifest.jsonl:2"):
+    with pytest.raises(DataError, match=r"manifest.jsonl:2"):
         read_manifest(tmp_path)
 
 

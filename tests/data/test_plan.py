@@ -10,6 +10,7 @@ import torch
 
 from medmtl.config import ExperimentConfig, load_config
 from medmtl.data.manifest import read_manifest
+from medmtl.errors import DataError
 from medmtl.data.plan import (
     PLAN_VERSION, activation_bytes_per_voxel, choose_patch_and_batch, compute_plan, load_plan, nnunet_target_spacing,
     resolve_plan, save_plan,
@@ -149,7 +150,7 @@ def test_patch_follows_the_spacing_aspect_ratio():
 
 
 def test_a_budget_too_small_names_the_key():
-    with pytest.raises(ValueError, match="preprocess.memory_budget_mb"):
+    with pytest.raises(DataError, match="preprocess.memory_budget_mb"):
         choose_patch_and_batch(median_shape=(64, 64, 64), spacing=(1, 1, 1), n_images=4, bytes_per_voxel=1e6, budget_mb=1, divisor=8)
 
 
@@ -202,7 +203,7 @@ def test_plan_json_round_trip_and_old_versions_are_refused(planned, tmp_path):
     raw = json.loads(path.read_text())
     raw["version"] = 1
     path.write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match="medmtl plan DATA_DIR"):
+    with pytest.raises(DataError, match="medmtl plan DATA_DIR"):
         load_plan(path)
 
 

@@ -7,8 +7,6 @@ conftest so that it cannot clash with ``tests/data/conftest.py``.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,6 +15,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from medmtl.procenv import interpreter_tool
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -204,10 +204,11 @@ def assert_same_world(ours: Path, theirs: Path, *, tol_vox: float = 1e-3) -> Non
 
 
 def dcm2niix_convert(dicom_dir: Path, out_dir: Path) -> dict[str, Path]:
-    """Run the dcm2niix wheel on ``dicom_dir``; return {SeriesInstanceUID: nifti path}. Empty if missing."""
-    exe = shutil.which("dcm2niix") or str(Path(os.sys.executable).parent / "dcm2niix")
-    if not Path(exe).exists():
-        return {}
+    """Run the dcm2niix wheel beside this interpreter on ``dicom_dir``; return {SeriesInstanceUID: nifti path}.
+
+    dcm2niix is a dev dependency: missing, it fails the test (a broken install must not turn green).
+    """
+    exe = interpreter_tool("dcm2niix")
     out_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run([exe, "-z", "n", "-b", "n", "-f", "%j", "-o", str(out_dir), str(dicom_dir)],
                    check=True, capture_output=True)

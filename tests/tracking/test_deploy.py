@@ -18,7 +18,7 @@ import requests
 from medmtl.cli import main as medmtl
 from medmtl.synth import synthesize_exports
 from medmtl.tracking.registry import register_run_model
-from tracking_helpers import MODEL_NAME, clean_env, free_port, wait_http
+from tracking_helpers import MODEL_NAME, clean_env, free_port, stop_group, wait_http
 from tracking_phi import assert_no_phi
 
 pytestmark = pytest.mark.slow
@@ -96,13 +96,5 @@ def test_served_model_answers_invocations_with_a_segmentation(trained, store, re
         assert set(np.unique(labels)) <= {0, 1, 2, 3, 4}
         assert sum(v for k, v in pred.items() if k.startswith("voxels_")) == int((labels > 0).sum())
     finally:
-        import os
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()

@@ -137,3 +137,50 @@ def test_records_wait_on_disk_when_the_server_hangs_then_dies_and_are_sent_later
     _assert_all_on_server(client, logger.run_id, points)
     assert len(client.get_metric_history(logger.run_id, "loss/a")) == 60  # each point once
     assert not spool_dir.exists()
+
+
+def test_outage_over_the_end_of_a_run_is_completed_by_medmtl_sync(server, tiny_dataset, tmp_path, monkeypatch, bounded_http, capsys):
+    """Issue 12, item 5: the server dies as the run ends (held-out scores, plots, model, final status).
+
+    Old failure: the model upload was synchronous, so the run ended FAILED with no model although best.pt and
+    last.pt existed, and the exit was a long traceback. Now the end goes through the spool and `medmtl sync`
+    completes the run: model logged, status FINISHED.
+    """
+    import medmtl.tracking.run as tracked_run
+    import pipelines.train as train_pipeline
+    from medmtl import cli
+    from medmtl.config import load_config
+    from medmtl.tracking.logger import RunLogger
+
+    data_dir, _ = tiny_dataset
+
+    class EndOutageLogger(RunLogger):
+        """Kills the server when the held-out scores arrive, i.e. when the run starts to end."""
+
+        def log_metrics(self, metrics, step):
+            if any(k.startswith("test/") for k in metrics) and server.proc is not None and server.proc.poll() is None:
+                self.sync(timeout=30)  # everything of training is on the server; only the end will be missing
+                server.kill()
+            super().log_metrics(metrics, step)
+
+    monkeypatch.setattr(tracked_run, "RunLogger", EndOutageLogger)
+    overrides = [f"data.root={data_dir}", f"tracking.tracking_uri={server.uri}", "tracking.experiment=end-outage",
+                 "train.steps=4", "train.val_every=4", "tracking.overlay_cases=1", "tracking.system_metrics=false"]
+    overrides += [f"tracking.{k}={v}" for k, v in {**FAST_RETRY, "final_sync_timeout_s": 2.0}.items()]
+    try:
+        res = train_pipeline.run_training(load_config(TINY_CONFIG, overrides), out_dir=tmp_path / "runs", progress=False)
+    finally:
+        server.start()
+    assert res.model_uri is None and res.unsent_spool is not None
+    ckpt = tmp_path / "runs" / res.run_id
+    assert (ckpt / "last.pt").exists() and (ckpt / "best.pt").exists()
+    client = MlflowClient(tracking_uri=server.uri)
+    assert client.get_run(res.run_id).info.status == "RUNNING"  # the server never heard the end (yet)
+
+    assert cli.main(["sync", res.unsent_spool]) == 0
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED"
+    assert any(k.startswith("test/dice/") for k in run.data.metrics)
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{res.run_id}'")
+    assert len(models) == 1 and models[0].status.name == "READY"
+    assert not (ckpt / "mlflow_spool").exists()

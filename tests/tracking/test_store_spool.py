@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from medmtl.config import TrackingConfig
+from medmtl.errors import TrackingError
 from medmtl.tracking.spool import Spool, send_records
 from medmtl.tracking.store import apply_http_settings, prepare_store, resolve_tracking_uri
 from tracking_helpers import ROOT, clean_env
@@ -79,7 +80,7 @@ def test_spool_resends_after_a_crash_and_drops_only_rejected_records(tmp_path, e
 
 def test_spool_refuses_another_runs_folder(tmp_path):
     Spool(tmp_path / "s", run_id="a" * 32, tracking_uri="sqlite:///x.db")
-    with pytest.raises(ValueError, match="belongs to run"):
+    with pytest.raises(TrackingError, match="belongs to run"):
         Spool(tmp_path / "s", run_id="b" * 32, tracking_uri="sqlite:///x.db")
     assert json.loads((tmp_path / "s" / "spool.json").read_text())["run_id"] == "a" * 32
 

@@ -52,6 +52,28 @@ def clean_env(**extra: str) -> dict[str, str]:
     return interpreter_env({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **extra)
 
 
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """``killpg`` the process group of ``proc``; a group that is already gone is not an error."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the process group of ``proc``, SIGKILL after ``timeout``; never raises (clean-up must not hide
+    the test's own failure)."""
+    try:
+        signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            signal_group(proc, signal.SIGKILL)
+            proc.wait(timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - reported, not raised over the real failure
+        print(f"clean-up of process {proc.pid} failed: {err!r}", file=sys.stderr)
+
+
 @dataclass
 class MlflowServer:
     """A tracking server process on 127.0.0.1 with its own store folder."""
@@ -78,7 +100,7 @@ class MlflowServer:
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the server's process group (the launcher's server and its uvicorn worker)."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
+            signal_group(self.proc, sig)
 
     def kill(self) -> None:
         """SIGKILL the whole server (no graceful shutdown, as a crash or a pulled cable)."""

@@ -14,6 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from medmtl.training.checkpoint import load_checkpoint
+from medmtl.procenv import interpreter_env
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -25,7 +26,7 @@ def _env(db: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # one thread per process: deterministic CPU kernels and no oversubscription of 2 cores
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MLFLOW_TRACKING_URI=f"sqlite:///{db}")
-    return env
+    return interpreter_env(env)  # torchrun and its workers from this interpreter's environment, not PATH
 
 
 def _train_cmd(data_dir: Path, out: Path, *extra: str) -> list[str]:

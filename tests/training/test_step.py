@@ -4,6 +4,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from medmtl.config import validate_config
+from medmtl.errors import ConfigError
 from medmtl.models.two_column import TwoColumnNet
 from medmtl.training.precision import Precision
 from medmtl.training.step import train_step
@@ -63,7 +64,7 @@ def test_bf16_autocast_runs_on_cpu_and_fp16_is_refused_there():
     assert res.applied and all(torch.isfinite(torch.tensor(v)) for v in res.losses.values())
     import pytest
 
-    with pytest.raises(ValueError, match="train.precision=fp16"):
+    with pytest.raises(ConfigError, match="train.precision=fp16"):
         Precision("fp16", torch.device("cpu"))
 
 
