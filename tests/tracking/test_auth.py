@@ -23,12 +23,15 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 
+import mlflow
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
 from medmtl.procenv import interpreter_tool
+from medmtl.tracking.spool import Spool
 from tracking_helpers import ROOT, TINY_CONFIG, MlflowServer, clean_env, free_port
 
 pytestmark = pytest.mark.slow
@@ -81,30 +84,40 @@ def auth_server(tmp_path_factory, empty_db):
 
 def admin_client(uri: str, monkeypatch) -> MlflowClient:
     """An MLflow client logged in as the admin (with the rotated password)."""
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_NEW)
     return MlflowClient(tracking_uri=uri)
 
 
-def train(auth_server, tiny_dataset, tmp_path, *, user: str | None, password: str | None, uri: str | None = None):
-    """``medmtl train`` of the tiny config through the console script, logged in as ``user`` (or not)."""
-    data_dir, _ = tiny_dataset
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    env = {"MLFLOW_TRACKING_URI": uri or auth_server["uri"], "OMP_NUM_THREADS": "1",
+def medmtl(args: list[str], cwd, *, uri: str, user: str | None = None, password: str | None = None) -> subprocess.CompletedProcess:
+    """``medmtl ARGS`` through the console script, this checkout's code first, logged in as ``user`` (or not).
+
+    MLflow's own login variables are set here alone (``clean_env`` drops the caller's ``MLFLOW_*``).
+    """
+    env = {"MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     if user is not None:
         env.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
-    return subprocess.run([interpreter_tool("medmtl"), "train", str(TINY_CONFIG), f"data.root={data_dir}", "tracking.overlay_cases=1",
-                           "tracking.http_max_retries=0", "--out", str(tmp_path / "runs")],
-                          cwd=tmp_path, env=clean_env(**env), capture_output=True, text=True, timeout=900)
+    return subprocess.run([interpreter_tool("medmtl"), *args], cwd=cwd, env=clean_env(**env), capture_output=True, text=True,
+                          timeout=900)
 
 
-def one_line_error(res: subprocess.CompletedProcess) -> str:
-    """Exit 2, no traceback, one ``medmtl train: error: ...`` line on stderr; returns that line."""
+def train(auth_server, tiny_dataset, tmp_path, *, user: str | None, password: str | None, uri: str | None = None,
+          overrides: list[str] = ()):
+    """``medmtl train`` of the tiny config (:func:`medmtl`), into ``tmp_path/runs``."""
+    data_dir, _ = tiny_dataset
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return medmtl(["train", str(TINY_CONFIG), f"data.root={data_dir}", "tracking.overlay_cases=1", "tracking.http_max_retries=0",
+                   *overrides, "--out", str(tmp_path / "runs")], tmp_path, uri=uri or auth_server["uri"], user=user, password=password)
+
+
+def one_line_error(res: subprocess.CompletedProcess, prefix: str = "medmtl train: error: ") -> str:
+    """Exit 2, no traceback, one ``prefix...`` line on stderr; returns that line."""
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2, f"exit {res.returncode}, stderr:\n{res.stderr[-4000:]}"
     assert "Traceback" not in res.stderr, res.stderr[-4000:]
-    assert len(lines) == 1 and lines[0].startswith("medmtl train: error: "), res.stderr[-4000:]
+    assert len(lines) == 1 and lines[0].startswith(prefix), res.stderr[-4000:]
     return lines[0]
 
 
@@ -157,16 +170,22 @@ def test_read_user_is_refused_to_log_in_one_line(auth_server, tiny_dataset, tmp_
     assert len(client.search_runs([auth_server["experiment_id"]])) == before
 
 
-def test_login_in_the_uri_is_refused_before_mlflow_sees_it(auth_server, tiny_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["MLFLOW_TRACKING_URI", "tracking.tracking_uri"])
+def test_login_in_the_uri_is_refused_before_mlflow_sees_it(auth_server, tiny_dataset, tmp_path, monkeypatch, where):
     client = admin_client(auth_server["uri"], monkeypatch)
     before = len(client.search_runs([auth_server["experiment_id"]]))
     bare = auth_server["uri"]
     with_login = bare.replace("http://", f"http://alice:{USERS['alice']}@")
-    res = train(auth_server, tiny_dataset, tmp_path, user=None, password=None, uri=with_login)
+    if where == "MLFLOW_TRACKING_URI":
+        res = train(auth_server, tiny_dataset, tmp_path, user=None, password=None, uri=with_login)
+    else:
+        res = train(auth_server, tiny_dataset, tmp_path, user=None, password=None, overrides=[f"tracking.tracking_uri={with_login}"])
     line = one_line_error(res)
-    assert "MLFLOW_TRACKING_URI carries a user name and password" in line and f"use {bare}" in line, line
+    assert f"{where} carries a user name and password" in line and f"use {bare}" in line, line
     no_secret_in(res.stdout + res.stderr, "the terminal")
-    assert len(client.search_runs([auth_server["experiment_id"]])) == before  # refused before any run existed
+    # refused before any run, spool or checkpoint existed
+    assert len(client.search_runs([auth_server["experiment_id"]])) == before
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_edit_user_trains_and_no_credential_leaks(auth_server, tiny_dataset, tmp_path, monkeypatch):
@@ -182,16 +201,42 @@ def test_edit_user_trains_and_no_credential_leaks(auth_server, tiny_dataset, tmp
     # every artifact (config, plan, plots, overlays, the model with its bundled code), byte for byte
     art = tmp_path / "artifacts"
     art.mkdir()
-    client.download_artifacts(run_id, "", str(art))
+    client.download_artifacts(run_id, "", str(art / "run"))
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert len(models) == 1
+    mlflow.artifacts.download_artifacts(artifact_uri=models[0].artifact_location, dst_path=str(art / "model"),
+                                        tracking_uri=auth_server["uri"])
     files = [p for p in art.rglob("*") if p.is_file()]
     assert any(p.name == "config.yaml" for p in files) and any(p.name == "MLmodel" for p in files)
     for p in files:
         no_secret_in(p.read_bytes(), f"artifact {p.relative_to(art)}")
-    # the run's spool and checkpoints beside it
-    run_dir = tmp_path / "runs" / run_id
-    spooled = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert any(p.name == "spool.json" for p in spooled)
-    for p in spooled:
+    # the run's folder: checkpoints, and the spool while it held records (removed once all were sent)
+    left = [p for p in (tmp_path / "runs" / run_id).rglob("*") if p.is_file()]
+    assert any(p.name == "last.pt" for p in left)
+    for p in left:
         no_secret_in(p.read_bytes(), f"{p.relative_to(tmp_path)}")
     # MLflow's "View run ... at: URL" line shows the bare server address
     assert f"at: {auth_server['uri']}/" in res.stdout + res.stderr
+
+
+def test_a_refused_login_keeps_the_spool_for_sync(auth_server, tmp_path, monkeypatch):
+    client = admin_client(auth_server["uri"], monkeypatch)
+    run_id = client.create_run(auth_server["experiment_id"]).info.run_id
+    folder = tmp_path / "mlflow_spool"
+    spool = Spool(folder, run_id=run_id, tracking_uri=auth_server["uri"])
+    ts = int(time.time() * 1000)
+    spool.append([{"op": "metrics", "items": [["train/loss", 1.0, ts, 0], ["train/loss", 0.5, ts, 1]]}], durable=True)
+    spool.close()
+    # without a login: one line naming the variables, and both points stay on disk (they used to be dropped)
+    res = medmtl(["sync", str(folder)], tmp_path, uri=auth_server["uri"])
+    line = one_line_error(res, prefix="error: ")
+    assert "wants credentials" in line and "MLFLOW_TRACKING_USERNAME" in line, line
+    kept = Spool(folder, run_id=run_id, tracking_uri=auth_server["uri"])
+    assert kept.n_unsent == 1
+    kept.close()
+    assert client.get_metric_history(run_id, "train/loss") == []
+    # the EDIT user sends them
+    res = medmtl(["sync", str(folder)], tmp_path, uri=auth_server["uri"], user="alice", password=USERS["alice"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == [1.0, 0.5]
+    assert not folder.exists()
