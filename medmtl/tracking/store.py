@@ -33,9 +33,7 @@ from medmtl.errors import TrackingError
 
 __all__ = ["resolve_tracking_uri", "embedded_store", "prepare_store", "ensure_experiment", "ui_command",
            "apply_http_settings", "using_tracking_uri", "tracking_error", "tracking_errors", "redact_uri", "refuse_credentials",
-           "DEFAULT_STORE_DIR", "CREDENTIAL_VARIABLES"]
-
-CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+           "DEFAULT_STORE_DIR"]
 
 DEFAULT_STORE_DIR = Path("mlflow")
 
