@@ -4,9 +4,10 @@ Before the fix: ``MLFLOW_TRACKING_URI=http://alice:PASSWORD@host`` was handed to
 "View run ... at: http://alice:PASSWORD@host/..." on the terminal, and with the server down the error
 message printed the password too ("cannot start an MLflow run at http://alice:PASSWORD@..."); a password
 in ``tracking.tracking_uri`` went into the run's params and ``config.yaml``. Reverting the check in
-``medmtl.tracking.store.resolve_tracking_uri`` makes every test here fail (no TrackingError: the run
-start is tried against the closed port and the message carries the password). No server is needed: the
-URIs point at a port nobody listens on, and the refusal comes before any request.
+``medmtl.tracking.store.resolve_tracking_uri`` makes every test here fail but the one that keeps a
+database URI in the environment allowed (checked: 4 of 5 fail; the run start is then tried against the
+closed port and MLflow's error carries ``http://alice:PASSWORD@...``). No server is needed: the URIs point
+at a port nobody listens on, and the refusal comes before any request.
 """
 
 from __future__ import annotations

@@ -6,13 +6,18 @@ README's ``python`` block as they stand (only the port and the experiment name c
 real ``medmtl`` console script: no login and a wrong password are refused (401) in one line naming the
 variables to set; a READ user is refused to log (403) in one line naming the user; a login put in the URI
 is refused before MLflow sees it; the EDIT user trains the tiny config, and no password appears in the
-run's params, tags, artifacts, spool or the terminal.
+run's params, tags, artifacts (the logged model's too), the run folder or the terminal; a spool that a
+refused login could not send stays on disk until ``medmtl sync`` runs with the EDIT user's login.
 
-Before the fix (each checked by reverting it): the README's ini made every non-admin request HTTP 500
-(``test_documented_set_up_works_as_pasted``), its password-rotation line failed ("Current password is
-required", the fixture), no login ended in a 41-line traceback and 403 advised starting the server
-(``test_no_login_and_a_wrong_one_are_refused_in_one_line``, ``test_read_user_is_refused_to_log_in_one_line``),
-and a URI with a login was printed in clear by MLflow (``test_login_in_the_uri_is_refused_before_mlflow_sees_it``).
+Before the fix (each checked by reverting it; the one-line checks rely on the CLI printing a MedmtlError
+as ``medmtl <command>: error: ...``): the README's ini made every non-admin request HTTP 500
+(``test_documented_set_up_works_as_pasted`` fails), its password-rotation line failed ("Current password
+is required": the fixture fails); with the 401/403 mapping reverted, no login ended in a traceback
+(``test_no_login_and_a_wrong_one_are_refused_in_one_line``) and 403 said "cannot start an MLflow run ...
+Start the server" (``test_read_user_is_refused_to_log_in_one_line``); with the URI check reverted a login in
+the URI was used as given and the run trained (``test_login_in_the_uri_is_refused_before_mlflow_sees_it``); and with
+401/403 counted as rejections, ``medmtl sync`` without a login dropped every spooled record
+(``test_a_refused_login_keeps_the_spool_for_sync``).
 """
 
 from __future__ import annotations
