@@ -137,9 +137,12 @@ def test_documented_set_up_works_as_pasted(auth_server):
     # the admin's rotation took: the new password works, the old one no longer does
     assert api(uri, "experiments/get-by-name", ("admin", ADMIN_NEW), experiment_name=EXPERIMENT).status_code == 200
     assert api(uri, "experiments/get-by-name", ("admin", ADMIN_OLD), experiment_name=EXPERIMENT).status_code == 401
-    # non-admin users are answered (a comment kept in default_permission made this HTTP 500)
+    # non-admin users are answered, on their granted experiment and on one they hold no grant for, which
+    # default_permission decides (a comment kept in its value made this HTTP 500)
     for user, pw in USERS.items():
         res = api(uri, "experiments/get-by-name", (user, pw), experiment_name=EXPERIMENT)
+        assert res.status_code == 200, (user, res.status_code, res.text[:300])
+        res = api(uri, "experiments/get", (user, pw), experiment_id="0")
         assert res.status_code == 200, (user, res.status_code, res.text[:300])
     # the users database is where the README's ini says: relative to the folder the server starts in
     assert auth_server["auth_db"].is_file()
