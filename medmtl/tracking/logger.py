@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from medmtl.tracking.spool import Spool, send_records
 from medmtl.errors import TrackingError
+from medmtl.tracking.store import redact_uri, tracking_error
 
 __all__ = ["RunLogger", "NullLogger", "last_logged_steps", "SPOOL_DIR_NAME", "terminate_run"]
 
@@ -66,7 +67,8 @@ class RunLogger:
         settings: a :class:`~medmtl.config.TrackingConfig` (intervals and timeouts); default: its defaults.
 
     Creating the run is the one synchronous request: without a run id there is nothing to log to, so
-    an unreachable server at start is an error naming the URI (bounded by the HTTP settings).
+    an unreachable server at start is an error naming the URI (bounded by the HTTP settings), and a
+    refused login (401) or grant (403) a one-line :class:`~medmtl.errors.TrackingError` saying what to set.
     """
 
     def __init__(self, *, tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str] | None = None,
@@ -86,8 +88,13 @@ class RunLogger:
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
         except Exception as err:
+            # a server that answers 401/403 is up: the login or the grant is wrong, not the server
+            refused = tracking_error(err, tracking_uri, doing=f"log runs to experiment {experiment_id}" if run_id is None
+                                     else f"resume run {run_id}")
+            if refused is not None:
+                raise refused from err
             raise TrackingError(
-                f"cannot start an MLflow run at {tracking_uri}: {err}. Start the server (see mlflow/README.md), "
+                f"cannot start an MLflow run at {redact_uri(tracking_uri)}: {err}. Start the server (see mlflow/README.md), "
                 "or unset MLFLOW_TRACKING_URI and tracking.tracking_uri to use the embedded store under mlflow/"
             ) from err
         root = Path(spool_root) if spool_root is not None else Path(tempfile.gettempdir()) / "medmtl-spool"

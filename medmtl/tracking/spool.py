@@ -178,11 +178,12 @@ def is_transient(err: BaseException) -> bool:
     """True for errors worth retrying later (server down, hung, overloaded); False for rejections.
 
     MLflow raises connection errors and timeouts as ``MlflowException`` with ``INTERNAL_ERROR`` (HTTP
-    500); a 4xx answer (bad value, unknown run) will not change by sending it again.
+    500); a 4xx answer (bad value, unknown run) will not change by sending it again. A refused login
+    or grant (401, 403) is about the sender, not the record: it is kept for a sender with credentials.
     """
     if isinstance(err, MlflowException):
         status = err.get_http_status_code()
-        return status >= 500 or status in (408, 429)
+        return status >= 500 or status in (401, 403, 408, 429)
     return not isinstance(err, (TypeError, ValueError, KeyError))
 
 
@@ -262,6 +263,10 @@ def replay_spool(folder: str | Path, tracking_uri: str | None = None) -> int:
     """Send what a finished or crashed run left in ``folder``; returns the records still unsent."""
     from mlflow.tracking import MlflowClient
 
+    from medmtl.tracking.store import refuse_credentials, tracking_errors
+
+    if tracking_uri:
+        refuse_credentials(tracking_uri, "--tracking-uri")
     folder = Path(folder)
     meta_path = folder / SPOOL_META
     if not meta_path.exists():
@@ -270,7 +275,12 @@ def replay_spool(folder: str | Path, tracking_uri: str | None = None) -> int:
     uri = tracking_uri or meta["tracking_uri"]
     spool = Spool(folder, run_id=meta["run_id"], tracking_uri=uri)
     try:
-        send_records(spool, MlflowClient(tracking_uri=uri))
+        client = MlflowClient(tracking_uri=uri)
+        if spool.n_unsent:
+            # a refused login keeps every record; say so in one line rather than "N records left"
+            with tracking_errors(uri, doing=f"send the spool of run {meta['run_id']}"):
+                client.get_run(meta["run_id"])
+        send_records(spool, client)
         return spool.n_unsent
     finally:
         spool.close()
@@ -294,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("spool_dir")
     ap.add_argument("--tracking-uri", default=None, help="default: the URI the run used")
     args = ap.parse_args(argv)
-    left = replay_spool(args.spool_dir, args.tracking_uri)
+    try:
+        left = replay_spool(args.spool_dir, args.tracking_uri)
+    except TrackingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if left:
         print(f"{left} records still unsent (server unreachable?); run this again later", file=sys.stderr)
         return 1

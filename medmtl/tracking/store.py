@@ -7,6 +7,13 @@ store is prepared exactly once, by :func:`prepare_store`, in the launching proce
 rank starts (``run_training`` calls it through :func:`ensure_experiment` on rank 0 before the trainer
 exists, and under a file lock, so two runs started at the same moment are safe too). A tracking server
 owns its database; nothing is prepared on the client side then.
+
+A server with users (MLflow's basic-auth app, ``mlflow/README.md``) takes its login from
+``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` only. :func:`resolve_tracking_uri` refuses an
+``http(s)`` URI that carries ``user:password@`` (MLflow prints the URI in clear: "View run ... at: URL"),
+and a password in the config's ``tracking.tracking_uri`` of any scheme (the config is logged as the run's
+params and ``config.yaml``). :func:`tracking_error` turns the server's 401 and 403 into one-line
+:class:`~medmtl.errors.TrackingError` messages that say which variables to set or which grant is missing.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -24,7 +32,8 @@ from mlflow.tracking import MlflowClient
 from medmtl.errors import TrackingError
 
 __all__ = ["resolve_tracking_uri", "embedded_store", "prepare_store", "ensure_experiment", "ui_command",
-           "apply_http_settings", "using_tracking_uri", "get_run", "DEFAULT_STORE_DIR"]
+           "apply_http_settings", "using_tracking_uri", "get_run", "tracking_error", "tracking_errors", "redact_uri",
+           "refuse_credentials", "DEFAULT_STORE_DIR"]
 
 DEFAULT_STORE_DIR = Path("mlflow")
 
@@ -36,8 +45,44 @@ def embedded_store(root: str | Path = DEFAULT_STORE_DIR) -> tuple[str, str]:
     return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
 
 
+def redact_uri(uri: str) -> str:
+    """``uri`` with any ``user:password@`` replaced by ``***@`` (safe to print or log)."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def refuse_credentials(uri: str, source: str) -> None:
+    """Raise :class:`~medmtl.errors.TrackingError` when ``uri`` carries a login MLflow would print or medmtl log.
+
+    ``source`` names where the URI came from (``tracking.tracking_uri``, ``MLFLOW_TRACKING_URI``,
+    ``--tracking-uri``): an ``http(s)`` URI with ``user[:password]@`` is refused from any source, a
+    password in any other scheme only from the config key (whose value is logged as a param).
+    """
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    if parts.scheme in ("http", "https"):
+        raise TrackingError(
+            f"{source} carries a user name and password ({redact_uri(uri)}), which MLflow prints in clear: "
+            f"use {bare} and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment instead")
+    if source == "tracking.tracking_uri" and parts.password is not None:
+        raise TrackingError(
+            f"tracking.tracking_uri carries a password ({redact_uri(uri)}) and the config is logged as the run's params: "
+            "put this URI in the MLFLOW_TRACKING_URI environment variable instead (it is not logged)")
+
+
 def resolve_tracking_uri(configured: str | None) -> tuple[str, str | None]:
-    """``(tracking_uri, artifact_root or None)``: config value, else ``$MLFLOW_TRACKING_URI``, else embedded."""
+    """``(tracking_uri, artifact_root or None)``: config value, else ``$MLFLOW_TRACKING_URI``, else embedded.
+
+    Raises :class:`~medmtl.errors.TrackingError` for a URI with credentials in it (see the module docstring).
+    """
+    if configured:
+        refuse_credentials(configured, "tracking.tracking_uri")
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        refuse_credentials(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         _check_scheme(uri, "tracking.tracking_uri" if configured else "MLFLOW_TRACKING_URI")
@@ -103,11 +148,53 @@ def prepare_store(tracking_uri: str) -> None:
         MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
 
 
+def tracking_error(err: BaseException, tracking_uri: str, *, doing: str) -> TrackingError | None:
+    """A one-line :class:`~medmtl.errors.TrackingError` for a login the server refused, else ``None``.
+
+    ``doing`` says what was attempted ("log runs to experiment 1"). HTTP 401 (no login, or a wrong
+    one) names the variables to set; HTTP 403 (a valid user without the grant) names the user and says
+    which permission to ask the server's admin for.
+    """
+    if not isinstance(err, MlflowException):
+        return None
+    status = err.get_http_status_code()
+    where = redact_uri(tracking_uri)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401 or err.error_code == "UNAUTHENTICATED":
+        if user and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+            return TrackingError(
+                f"the tracking server at {where} refused the login of user {user!r} (HTTP 401, wrong user name or password) "
+                f"trying to {doing}: check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        return TrackingError(
+            f"the tracking server at {where} wants credentials (HTTP 401) to {doing}: set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD in the environment (never in the config or the URI; see mlflow/README.md)")
+    if status == 403 or err.error_code == "PERMISSION_DENIED":
+        return TrackingError(
+            f"user {user!r} lacks permission to {doing} on the tracking server at {where} (HTTP 403): ask its admin "
+            "for the grant (EDIT on the experiment to train, see mlflow/README.md, users and permissions)")
+    return None
+
+
+@contextmanager
+def tracking_errors(tracking_uri: str, *, doing: str) -> Iterator[None]:
+    """Re-raise a 401 or 403 of MLflow inside the block as :func:`tracking_error`'s one-line message."""
+    try:
+        yield
+    except MlflowException as err:
+        mapped = tracking_error(err, tracking_uri, doing=doing)
+        if mapped is None:
+            raise
+        raise mapped from err
+
+
 def ensure_experiment(name: str, tracking_uri: str, artifact_root: str | None) -> str:
-    """Prepare the store, then create (once) or look up the experiment; returns its id."""
+    """Prepare the store, then create (once) or look up the experiment; returns its id.
+
+    A login the server refuses is a one-line :class:`~medmtl.errors.TrackingError` (:func:`tracking_error`).
+    """
     prepare_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
-    with _store_lock(tracking_uri):
+    with _store_lock(tracking_uri), tracking_errors(tracking_uri, doing=f"open experiment {name!r}"):
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id

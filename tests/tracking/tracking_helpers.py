@@ -81,6 +81,9 @@ class MlflowServer:
     store: Path
     port: int
     proc: subprocess.Popen | None = None
+    args: tuple[str, ...] = ()  # more launcher arguments, e.g. ("--basic-auth",)
+    env: dict[str, str] | None = None  # more environment variables (MLFLOW_AUTH_* for --basic-auth)
+    cwd: Path | None = None  # the folder the server starts in (relative paths of an auth ini start here)
 
     @property
     def uri(self) -> str:
@@ -91,8 +94,8 @@ class MlflowServer:
         """Start (or restart) through the launcher and wait until /health answers."""
         log = open(self.store / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "mlflow" / "serve.py"), "--store", str(self.store), "--port", str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True,
+            [sys.executable, str(ROOT / "mlflow" / "serve.py"), "--store", str(self.store), "--port", str(self.port), *self.args],
+            stdout=log, stderr=subprocess.STDOUT, env=clean_env(**(self.env or {})), cwd=self.cwd, start_new_session=True,
         )
         wait_http(f"{self.uri}/health", timeout, self.proc)
         return self
