@@ -74,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", help="model version number")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="config whose tracking.gate and tracking URI apply")
 
-    p = sub.add_parser("predict", help="segment a NIfTI image or a DICOM series folder with a logged or registered model")
+    p = sub.add_parser("predict", help="segment NIfTI images and DICOM series with a logged or registered model (start-up paid once)")
     p.add_argument("model_uri", help="e.g. models:/medmtl-demo@champion or runs:/<run_id>/model")
-    p.add_argument("input", help="NIfTI image, or a folder holding one DICOM series")
+    p.add_argument("inputs", nargs="+", metavar="input", help="NIfTI files, DICOM series folders, or folders holding several of either")
     p.add_argument("--modality", default=None, choices=["CT", "MR", "ct", "mr"], help="required for NIfTI; DICOM headers say it")
-    p.add_argument("--out", required=True, help="output label NIfTI (on the input grid); for DICOM input a DICOM SEG is written beside it as <name>.seg.dcm")
+    p.add_argument("--out", required=True, help="output folder (names: keyed pseudonyms of the inputs, <key>.nii.gz and, for DICOM, "
+                   "<key>.seg.dcm); with one input, a path ending in .nii.gz is the output file itself")
+    p.add_argument("--timings", action="store_true", help="print the time of each phase as JSON lines (start-up and per volume)")
 
     p = sub.add_parser("adapt", help="train only one modality's LoRA adapters on a trained model (e.g. MR from a CT model); log and register it merged")
     p.add_argument("source", help="run id, checkpoint (runs/<run_id>/last.pt) or model URI (models:/medmtl-demo@champion, runs:/<id>/model)")
@@ -199,31 +201,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"registered {v.name} version {v.version} (alias challenger)")
         return 0
     if args.command == "predict":
-        import time
-
-        import mlflow
-        import pandas as pd
-
-        from medmtl.tracking.store import resolve_tracking_uri
-
-        t0 = time.perf_counter()
-        src, out = Path(args.input), Path(args.out).resolve()
-        if not src.exists():
-            raise FileNotFoundError(f"input {src} not found (a NIfTI file or a DICOM series folder)")
-        if not src.is_dir() and args.modality is None:
-            raise ValueError(f"input {src} is a NIfTI file: give --modality CT or MR")
-        row = {"image": str(src.resolve()), "modality": args.modality.upper() if args.modality else None, "output": str(out)}
-        if src.is_dir():
-            row["seg_output"] = str(out.with_name(out.name.removesuffix(".gz").removesuffix(".nii") + ".seg.dcm"))
-        mlflow.set_tracking_uri(resolve_tracking_uri(None)[0])
-        model = mlflow.pyfunc.load_model(args.model_uri)
-        res = model.predict(pd.DataFrame([row])).drop(columns=["labels"], errors="ignore")
-        print(res.to_string(index=False))
-        written = [p for p in (res.loc[0, "output"], res.loc[0, "seg_output"]) if p and not str(p).startswith("not written")]
-        print(f"wrote {', '.join(written)} in {time.perf_counter() - t0:.1f} s")
-        if str(res.loc[0, "seg_output"]).startswith("not written"):
-            print(f"DICOM SEG {res.loc[0, 'seg_output']}", file=sys.stderr)
-        return 0
+        return _predict(args)
     if args.command == "promote":
         from medmtl.tracking.registry import promote
         from medmtl.tracking.store import resolve_tracking_uri
@@ -244,6 +222,36 @@ def _run(args: argparse.Namespace) -> int:
         run_demo(cfg, workdir=args.workdir, n_ct=args.ct, n_mr=args.mr, seed=args.seed, fresh=args.fresh)
         return 0
     raise AssertionError(args.command)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """``medmtl predict``: one line per volume as it is written; exit 2 when any volume failed."""
+    import json
+
+    from pipelines.predict import run_predict
+
+    def echo(item) -> None:
+        if item.error:
+            print(f"medmtl predict: error: {item.error}", file=sys.stderr)
+            return
+        counts = "  ".join(f"{k[len('voxels_'):]} {v}" for k, v in item.row.items() if k.startswith("voxels_") and v)
+        print(f"{item.source} -> {item.output} ({item.row['modality']}, {item.seconds['total']:.1f} s){'  ' + counts if counts else ''}")
+        if item.row.get("notes"):
+            print(f"  note: {item.row['notes']}", file=sys.stderr)
+        if item.seg_output and item.seg_output.startswith("not written"):
+            print(f"  DICOM SEG {item.seg_output}", file=sys.stderr)
+        elif item.seg_output:
+            print(f"  DICOM SEG {item.seg_output}")
+        if args.timings:
+            print(json.dumps({"timings": "volume", "source": item.source, **{k: round(v, 3) for k, v in item.seconds.items()}}))
+
+    res = run_predict(args.model_uri, args.inputs, out=args.out, modality=args.modality, echo=echo)
+    ok = sum(item.error is None for item in res.items)
+    print(f"wrote {ok} of {len(res.items)} segmentations in {res.seconds['total']:.1f} s "
+          f"(start-up {res.seconds['imports'] + res.seconds['model_load']:.1f} s)")
+    if args.timings:
+        print(json.dumps({"timings": "startup", **{k: round(v, 3) for k, v in res.seconds.items()}}))
+    return 0 if ok == len(res.items) else 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,10 +25,12 @@ import nibabel as nib
 import numpy as np
 
 from medmtl.atomic import atomic_path
+from medmtl.errors import InputError
 from medmtl.modality import MODALITIES, Modality, dicom_modality, parse_modality
 from medmtl.nifti import write_nifti as _write_nifti
 
-__all__ = ["ModelInput", "InputKind", "read_model_input", "read_dicom_series", "write_nifti", "write_dicom_seg", "SegNotPossible"]
+__all__ = ["ModelInput", "InputKind", "read_model_input", "read_dicom_series", "find_dicom_series", "read_series_volume",
+           "dicom_model_input", "nifti_model_input", "write_nifti", "write_dicom_seg", "SegNotPossible", "check_volume_shape"]
 
 #: where a model input came from
 InputKind = Literal["nifti", "dicom", "array"]
@@ -69,8 +71,24 @@ class ModelInput:
 def _modality(value, where: str) -> Modality:
     m = parse_modality(value)
     if m is None:
-        raise ValueError(f"{where}: modality must be {' or '.join(map(dicom_modality, MODALITIES))}, got {value!r}")
+        raise InputError(f"{where}: modality must be {' or '.join(map(dicom_modality, MODALITIES))}, got {value!r}")
     return m
+
+
+def check_volume_shape(shape: tuple[int, ...], where: str) -> tuple[int, int, int]:
+    """``(X, Y, Z)`` of a 3D volume; :class:`~medmtl.errors.InputError` for a 2D image, one slice or several volumes.
+
+    The model is a 3D network trained on volumes: a single slice would be padded into a volume and
+    segmented into something meaningless, so it is refused rather than answered.
+    """
+    shape = tuple(int(s) for s in shape)
+    extra = shape[3:]
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        raise InputError(f"{where}: a 2D image (shape {list(shape)}) cannot be segmented; medmtl segments 3D volumes "
+                         "(give a 3D NIfTI or the folder of a whole DICOM series)")
+    if extra and int(np.prod(extra)) > 1:
+        raise InputError(f"{where}: holds {int(np.prod(extra))} volumes (shape {list(shape)}); give one 3D volume per input")
+    return shape[:3]
 
 
 def write_nifti(arr: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
@@ -83,13 +101,14 @@ def write_nifti(arr: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def read_dicom_series(folder: str | Path):
-    """``(volume (X, Y, Z), plan)`` of the one CT or MR image series in ``folder`` (searched recursively).
+def find_dicom_series(folder: str | Path) -> list:
+    """Accepted CT and MR image series (:class:`~medmtl.ingest.dicom_series.SeriesPlan`) found under ``folder``.
 
-    Raises ``ValueError`` naming the folder when it holds no acceptable series (with the failed checks)
-    or several (pass one series folder then).
+    Headers are read once (recursively, pixel data not decoded). Raises
+    :class:`~medmtl.errors.InputError` naming the folder when it holds no acceptable series (with the checks
+    that failed).
     """
-    from medmtl.ingest.dicom_series import SkippedFile, assemble_series, check_series, quiet_pydicom, read_volume, scan_file
+    from medmtl.ingest.dicom_series import SkippedFile, assemble_series, check_series, quiet_pydicom, scan_file
 
     folder = Path(folder)
     files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
@@ -100,16 +119,43 @@ def read_dicom_series(folder: str | Path):
             if not isinstance(res, SkippedFile):
                 slices.extend(res)
         plans = [check_series(c) for c in assemble_series(slices)]
-        accepted = [p for p in plans if p.accepted and parse_modality(p.modality) is not None]
-        if not accepted:
-            why = sorted({f"{r}: {p.details.get(r, '')}" for p in plans for r in p.reasons})
-            raise ValueError(f"{folder}: no CT or MR image series to segment ({len(files)} files"
-                             + (f"; rejected: {'; '.join(why)}" if why else "") + ")")
-        if len(accepted) > 1:
-            raise ValueError(f"{folder}: holds {len(accepted)} image series; pass the folder of one series")
-        plan = accepted[0]
-        rel = lambda p: os.path.relpath(p, folder)  # noqa: E731 - error messages name files relative to the input
-        return read_volume(plan, relpath=rel), plan
+    accepted = [p for p in plans if p.accepted and parse_modality(p.modality) is not None]
+    if not accepted:
+        why = sorted({f"{r}: {p.details.get(r, '')}" for p in plans for r in p.reasons})
+        raise InputError(f"{folder}: no CT or MR image series to segment ({len(files)} files"
+                         + (f"; rejected: {'; '.join(why)}" if why else "") + ")")
+    return accepted
+
+
+def read_series_volume(plan, folder: str | Path) -> np.ndarray:
+    """Decode an accepted series of :func:`find_dicom_series` into ``(X, Y, Z)`` (errors name files relative to ``folder``)."""
+    from medmtl.ingest.dicom_series import quiet_pydicom, read_volume
+
+    rel = lambda p: os.path.relpath(p, folder)  # noqa: E731 - error messages name files relative to the input
+    with quiet_pydicom():
+        return read_volume(plan, relpath=rel)
+
+
+def read_dicom_series(folder: str | Path):
+    """``(volume (X, Y, Z), plan)`` of the one CT or MR image series in ``folder`` (searched recursively).
+
+    Raises :class:`~medmtl.errors.InputError` naming the folder when it holds no acceptable series (with
+    the failed checks) or several (pass one series folder then).
+    """
+    accepted = find_dicom_series(folder)
+    if len(accepted) > 1:
+        raise InputError(f"{folder}: holds {len(accepted)} image series; pass the folder of one series")
+    return read_series_volume(accepted[0], folder), accepted[0]
+
+
+def dicom_model_input(plan, folder: str | Path, modality: str | None = None, where: str = "input") -> "ModelInput":
+    """A :class:`ModelInput` for one accepted series of :func:`find_dicom_series` (``modality`` must match the header)."""
+    m = _modality(modality or plan.modality, f"{where} ({folder})")
+    if modality and m != parse_modality(plan.modality):
+        raise InputError(f"{where} ({folder}): modality {modality!r} given, but the series is {plan.modality}")
+    vol = read_series_volume(plan, folder)
+    check_volume_shape(vol.shape, f"{where} ({folder})")
+    return _from_array(vol, np.asarray(plan.affine, dtype=np.float64), "dicom", m, plan)
 
 
 def read_model_input(row: dict, where: str = "input") -> ModelInput:
@@ -119,26 +165,38 @@ def read_model_input(row: dict, where: str = "input") -> ModelInput:
     if isinstance(image, str) and image:
         p = Path(image)
         if p.is_dir():
-            vol, plan = read_dicom_series(p)
-            modality = _modality(row.get("modality") or plan.modality, f"{where} ({p})")
-            if row.get("modality") and modality != parse_modality(plan.modality):
-                raise ValueError(f"{where} ({p}): modality {row['modality']!r} given, but the series is {plan.modality}")
-            return _from_array(vol, np.asarray(plan.affine, dtype=np.float64), "dicom", modality, plan)
-        if not p.is_file():
-            raise FileNotFoundError(f"{where}: image {p} not found (a NIfTI file or a DICOM series folder)")
-        img = nib.load(str(p))
-        return ModelInput("nifti", _modality(row.get("modality"), f"{where} ({p})"), p, tuple(int(s) for s in img.shape[:3]),
-                          np.asarray(img.affine, dtype=np.float64))
+            accepted = find_dicom_series(p)
+            if len(accepted) > 1:
+                raise InputError(f"{where} ({p}): holds {len(accepted)} image series; pass the folder of one series")
+            return dicom_model_input(accepted[0], p, row.get("modality"), where)
+        return nifti_model_input(p, row.get("modality"), where)
     if array is not None and not (isinstance(array, float) and np.isnan(array)):
-        vol = np.asarray(array, dtype=np.float32)
+        try:
+            vol = np.asarray(array, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{where}: array must be a (X, Y, Z) volume of numbers ({err})") from None
+        check_volume_shape(vol.shape, where)
         if vol.ndim != 3:
-            raise ValueError(f"{where}: array must have three dimensions (X, Y, Z), got shape {vol.shape}")
+            raise InputError(f"{where}: array must have three dimensions (X, Y, Z), got shape {list(vol.shape)}")
         affine = row.get("affine")
         aff = np.eye(4) if affine is None or (isinstance(affine, float) and np.isnan(affine)) else np.asarray(affine, dtype=np.float64)
         if aff.shape != (4, 4):
-            raise ValueError(f"{where}: affine must be a 4x4 list of lists (voxel -> RAS mm), got shape {aff.shape}")
+            raise InputError(f"{where}: affine must be a 4x4 list of lists (voxel -> RAS mm), got shape {list(aff.shape)}")
         return _from_array(vol, aff, "array", _modality(row.get("modality"), where), None)
-    raise ValueError(f"{where}: give 'image' (a NIfTI file or DICOM series folder) or 'array' (+ 'affine')")
+    raise InputError(f"{where}: give 'image' (a NIfTI file or DICOM series folder) or 'array' (+ 'affine')")
+
+
+def nifti_model_input(path: str | Path, modality: str | None, where: str = "input") -> "ModelInput":
+    """A :class:`ModelInput` for a 3D NIfTI file (``modality`` CT or MR is required: NIfTI headers do not say it)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{where}: image {p} not found (a NIfTI file or a DICOM series folder)")
+    try:
+        img = nib.load(str(p))
+    except Exception as err:  # nibabel raises several types for files that are not images
+        raise InputError(f"{where}: {p} is not a readable NIfTI image ({type(err).__name__}: {err})") from None
+    shape = check_volume_shape(img.shape, f"{where} ({p})")
+    return ModelInput("nifti", _modality(modality, f"{where} ({p})"), p, shape, np.asarray(img.affine, dtype=np.float64))
 
 
 def _from_array(vol: np.ndarray, affine: np.ndarray, kind: InputKind, modality: Modality, plan) -> ModelInput:
