@@ -15,14 +15,12 @@ optional packages inference never uses (:mod:`medmtl.inference.lean_imports`).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medmtl.errors import InputError, MedmtlError
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+from medmtl.errors import MedmtlError
+from medmtl.inference.model_io import list_volumes, output_paths
 
 
 @dataclass
@@ -45,49 +43,6 @@ class PredictResult:
     seconds: dict[str, float]
 
 
-def _jobs(inputs: list[str | Path], modality: str | None) -> list[tuple[str, str, object]]:
-    """``(label, kind, what)`` per volume: kind ``nifti`` (a path) or ``dicom`` (``(folder, SeriesPlan)``)."""
-    from medmtl.inference.model_io import find_dicom_series
-
-    jobs: list[tuple[str, str, object]] = []
-    for raw in inputs:
-        src = Path(raw)
-        if not src.exists():
-            raise InputError(f"input {src} not found (give NIfTI files, DICOM series folders or folders of either)")
-        niftis = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
-        if src.is_file() and not src.name.endswith(NIFTI_SUFFIXES):
-            raise InputError(f"input {src} is not a NIfTI file (.nii, .nii.gz); give a DICOM series as its folder")
-        if niftis:
-            if modality is None:
-                raise InputError(f"input {src} holds NIfTI images: give --modality CT or MR")
-            jobs += [(str(p), "nifti", p) for p in niftis]
-            continue
-        series = find_dicom_series(src)
-        for i, plan in enumerate(series, start=1):
-            label = str(src) if len(series) == 1 else f"{src} (series {i} of {len(series)}, {plan.modality})"
-            jobs.append((label, "dicom", (src, plan)))
-    return jobs
-
-
-def _names(jobs, out: Path) -> list[Path]:
-    """Output path per job (see the module docstring); checks that ``out`` can be written."""
-    if len(jobs) == 1 and out.name.endswith(NIFTI_SUFFIXES):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        targets, folder = [out], out.parent
-    else:
-        from medmtl.ingest.pseudonym import load_or_create_secret, pseudonym
-
-        out.mkdir(parents=True, exist_ok=True)
-        secret = load_or_create_secret(out)
-        targets = [out / (pseudonym(secret, what[1].candidate.series_uid, "series-") if kind == "dicom"
-                          else pseudonym(secret, str(Path(what).resolve()), "image-")) for _, kind, what in jobs]
-        targets = [t.with_name(t.name + ".nii.gz") for t in targets]
-        folder = out
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"output folder {folder} is not writable")
-    return targets
-
-
 def run_predict(model_uri: str, inputs: list[str | Path], *, out: str | Path, modality: str | None = None,
                 tracking_uri: str | None = None, echo=None) -> PredictResult:
     """Load ``model_uri`` once (verified, :mod:`medmtl.tracking.model_loading`) and segment every volume of ``inputs``.
@@ -99,8 +54,8 @@ def run_predict(model_uri: str, inputs: list[str | Path], *, out: str | Path, mo
     """
     t0 = time.perf_counter()
     modality = modality.upper() if modality else None
-    jobs = _jobs(list(inputs), modality)
-    targets = _names(jobs, Path(out).resolve())
+    jobs = list_volumes(list(inputs), modality)
+    targets = output_paths(jobs, Path(out).resolve())
     t_imports = time.perf_counter()
     import mlflow  # noqa: F401 - before MONAI, whose MLflow handler would import it anyway
 

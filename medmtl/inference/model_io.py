@@ -30,10 +30,11 @@ from medmtl.modality import MODALITIES, Modality, dicom_modality, parse_modality
 from medmtl.nifti import write_nifti as _write_nifti
 
 __all__ = ["ModelInput", "InputKind", "read_model_input", "read_dicom_series", "find_dicom_series", "read_series_volume",
-           "dicom_model_input", "nifti_model_input", "write_nifti", "write_dicom_seg", "SegNotPossible", "check_volume_shape"]
+           "dicom_model_input", "nifti_model_input", "list_volumes", "output_paths", "write_nifti", "write_dicom_seg", "SegNotPossible", "check_volume_shape"]
 
 #: where a model input came from
 InputKind = Literal["nifti", "dicom", "array"]
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 class SegNotPossible(ValueError):
@@ -203,6 +204,60 @@ def _from_array(vol: np.ndarray, affine: np.ndarray, kind: InputKind, modality: 
     tmp = tempfile.TemporaryDirectory(prefix="medmtl-input-")
     path = write_nifti(np.asarray(vol), affine, Path(tmp.name) / "image.nii")
     return ModelInput(kind, modality, path, tuple(int(s) for s in vol.shape), affine, plan, tmp)
+
+
+def list_volumes(inputs: list[str | Path], modality: str | None) -> list[tuple[str, str, object]]:
+    """``(label, kind, what)`` per volume of ``inputs``: kind ``nifti`` (a path) or ``dicom`` (``(folder, SeriesPlan)``).
+
+    An input is a NIfTI file, a folder of NIfTI files, or a folder holding one or several DICOM series
+    (headers read once, pixels not yet). Raises :class:`~medmtl.errors.InputError` for a missing input,
+    another kind of file, NIfTI without ``modality``, or a folder without an acceptable series.
+    """
+    jobs: list[tuple[str, str, object]] = []
+    for raw in inputs:
+        src = Path(raw)
+        if not src.exists():
+            raise InputError(f"input {src} not found (give NIfTI files, DICOM series folders or folders of either)")
+        niftis = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+        if src.is_file() and not src.name.endswith(NIFTI_SUFFIXES):
+            raise InputError(f"input {src} is not a NIfTI file (.nii, .nii.gz); give a DICOM series as its folder")
+        if niftis:
+            if modality is None:
+                raise InputError(f"input {src} holds NIfTI images: give --modality CT or MR")
+            jobs += [(str(p), "nifti", p) for p in niftis]
+            continue
+        series = find_dicom_series(src)
+        for i, plan in enumerate(series, start=1):
+            label = str(src) if len(series) == 1 else f"{src} (series {i} of {len(series)}, {plan.modality})"
+            jobs.append((label, "dicom", (src, plan)))
+    return jobs
+
+
+def output_paths(jobs, out: Path) -> list[Path]:
+    """Output NIfTI path per volume of :func:`list_volumes`; checks that ``out`` can be written.
+
+    One volume and ``out`` ending in ``.nii``/``.nii.gz``: ``out`` itself. Otherwise ``out`` is a folder and
+    each volume gets ``<key>.nii.gz``, ``<key>`` a keyed pseudonym (as ingest makes them, secret in
+    ``out/.medmtl_secret``) of the series UID (``series-...``) or the NIfTI file's path (``image-...``): no
+    names, IDs or UIDs in file names, and the same input always gets the same name in the same folder.
+    """
+    if len(jobs) == 1 and out.name.endswith(NIFTI_SUFFIXES):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        targets, folder = [out], out.parent
+    elif out.name.endswith(NIFTI_SUFFIXES):
+        raise InputError(f"--out {out} names one file, but the inputs hold {len(jobs)} volumes: give an output folder")
+    else:
+        from medmtl.ingest.pseudonym import load_or_create_secret, pseudonym
+
+        out.mkdir(parents=True, exist_ok=True)
+        secret = load_or_create_secret(out)
+        targets = [out / (pseudonym(secret, what[1].candidate.series_uid, "series-") if kind == "dicom"
+                          else pseudonym(secret, str(Path(what).resolve()), "image-")) for _, kind, what in jobs]
+        targets = [t.with_name(t.name + ".nii.gz") for t in targets]
+        folder = out
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"output folder {folder} is not writable")
+    return targets
 
 
 # ----------------------------------------------------------------------------------------- DICOM SEG

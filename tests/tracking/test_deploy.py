@@ -100,7 +100,8 @@ def test_served_model_answers_invocations_with_a_segmentation(trained, store, re
         dirty, clean = vol.copy(), vol.copy()
         dirty[2:5, 3:6, 4:6], clean[2:5, 3:6, 4:6] = np.nan, 0.0
         rows = [{"array": a.tolist(), "affine": np.diag([7.0, 7.0, 8.0, 1.0]).tolist(), "modality": "MR"} for a in (dirty, clean)]
-        r = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": rows}, timeout=120)
+        r = requests.post(f"http://127.0.0.1:{port}/invocations", data=json.dumps({"dataframe_records": rows}),  # NaN literals
+                          headers={"Content-Type": "application/json"}, timeout=120)
         assert r.status_code == 200, r.text[:2000]
         got, want = r.json()["predictions"]
         assert got["nonfinite_voxels"] == 18 and want["nonfinite_voxels"] == 0 and "18 NaN/inf voxels replaced" in got["notes"]
