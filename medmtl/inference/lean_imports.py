@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["SKIPPED", "import_monai_for_inference"]
+__all__ = ["SKIPPED", "SCIPY_SUBPACKAGES", "import_monai_for_inference"]
 
-# optional packages that MONAI would import and the inference path never uses
-SKIPPED = ("scipy", "matplotlib", "cv2", "sklearn", "skimage", "optuna")
+# optional packages that MONAI would import and the inference path never uses; scipy's subpackages by name,
+# because scipy itself is often imported already (its top level is cheap, the subpackages are not)
+SCIPY_SUBPACKAGES = ("constants", "fft", "integrate", "interpolate", "linalg", "ndimage", "optimize", "signal", "sparse",
+                     "spatial", "special", "stats")
+SKIPPED = ("scipy", *(f"scipy.{name}" for name in SCIPY_SUBPACKAGES), "matplotlib", "cv2", "sklearn", "skimage", "optuna")
 
 
 def import_monai_for_inference() -> bool:
