@@ -132,15 +132,33 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """``medmtl predict``: segment one NIfTI image or DICOM series folder."""
+    """``medmtl predict``: one line per volume as it is written; exit 2 when any volume failed."""
+    import json
+
     from pipelines.predict import run_predict
 
-    res = run_predict(args.model_uri, args.input, out=args.out, modality=args.modality)
-    print(res.table.to_string(index=False))
-    print(f"wrote {', '.join(res.written)} in {res.seconds:.1f} s")
-    if res.seg_problem:
-        print(f"DICOM SEG {res.seg_problem}", file=sys.stderr)
-    return 0
+    def echo(item) -> None:
+        if item.error:
+            print(f"medmtl predict: error: {item.error}", file=sys.stderr)
+            return
+        counts = "  ".join(f"{k[len('voxels_'):]} {v}" for k, v in item.row.items() if k.startswith("voxels_") and v)
+        print(f"{item.source} -> {item.output} ({item.row['modality']}, {item.seconds['total']:.1f} s){'  ' + counts if counts else ''}")
+        if item.row.get("notes"):
+            print(f"  note: {item.row['notes']}", file=sys.stderr)
+        if item.seg_output and item.seg_output.startswith("not written"):
+            print(f"  DICOM SEG {item.seg_output}", file=sys.stderr)
+        elif item.seg_output:
+            print(f"  DICOM SEG {item.seg_output}")
+        if args.timings:
+            print(json.dumps({"timings": "volume", "source": item.source, **{k: round(v, 3) for k, v in item.seconds.items()}}))
+
+    res = run_predict(args.model_uri, args.inputs, out=args.out, modality=args.modality, echo=echo)
+    ok = sum(item.error is None for item in res.items)
+    print(f"wrote {ok} of {len(res.items)} segmentations in {res.seconds['total']:.1f} s "
+          f"(start-up {res.seconds['imports'] + res.seconds['model_load']:.1f} s)")
+    if args.timings:
+        print(json.dumps({"timings": "startup", **{k: round(v, 3) for k, v in res.seconds.items()}}))
+    return 0 if ok == len(res.items) else 2
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -240,11 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_CONFIG, help="config whose tracking.gate and tracking URI apply")
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("predict", help="segment a NIfTI image or a DICOM series folder with a logged or registered model")
+    p = sub.add_parser("predict", help="segment NIfTI images and DICOM series with a logged or registered model (start-up paid once)")
     p.add_argument("model_uri", help="e.g. models:/medmtl-demo@champion or runs:/<run_id>/model")
-    p.add_argument("input", help="NIfTI image, or a folder holding one DICOM series")
+    p.add_argument("inputs", nargs="+", metavar="input", help="NIfTI files, DICOM series folders, or folders holding several of either")
     p.add_argument("--modality", default=None, choices=["CT", "MR", "ct", "mr"], help="required for NIfTI; DICOM headers say it")
-    p.add_argument("--out", required=True, help="output label NIfTI (on the input grid); for DICOM input a DICOM SEG is written beside it as <name>.seg.dcm")
+    p.add_argument("--out", required=True, help="output folder (names: keyed pseudonyms of the inputs, <key>.nii.gz and, for DICOM, "
+                   "<key>.seg.dcm); with one input, a path ending in .nii.gz is the output file itself")
+    p.add_argument("--timings", action="store_true", help="print the time of each phase as JSON lines (start-up and per volume)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("adapt", help="train only one modality's LoRA adapters on a trained model (e.g. MR from a CT model); log and register it merged")

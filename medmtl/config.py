@@ -695,6 +695,11 @@ class TrainConfig(_Strict):
         description="write DIR/last.pt every N steps (and at the end); best.pt on each better validation score",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
+    compile: bool = Field(
+        False,
+        description=("compile the network with torch.compile (opt-in: minutes of compilation first; "
+                     "benchmarks/train_step.py measures whether it pays off on your device)"),
+    )
 
     @field_validator("batch_size")
     @classmethod

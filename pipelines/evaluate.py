@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
 from medmtl.data.loaders import load_split
 from medmtl.errors import ModelError
 from medmtl.evaluation.evaluate import evaluate_cases
 from medmtl.tracking.logger import RunLogger
+from medmtl.tracking.model_loading import load_verified_model
 from medmtl.tracking.store import get_run, resolve_tracking_uri, using_tracking_uri
 
 
@@ -24,12 +24,13 @@ class EvalResult:
     per_case: list[dict]
 
 
-def _load_run_model(client: MlflowClient, run_id: str):
+def _load_run_model(client: MlflowClient, run_id: str, uri: str):
     run = get_run(client, run_id)
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     if not models:
         raise ModelError(f"run {run_id} has no logged model; train with tracking.log_model=true")
-    return run, mlflow.pyfunc.load_model(f"models:/{models[0].model_id}").unwrap_python_model()
+    # files verified against the logged model's manifest digest before MLflow imports any of them
+    return run, load_verified_model(f"models:/{models[0].model_id}", uri).unwrap_python_model()
 
 
 def run_evaluation(run_id: str, *, tracking_uri: str | None = None, data_root: str | None = None, overlays: int = 2) -> EvalResult:
@@ -41,7 +42,7 @@ def run_evaluation(run_id: str, *, tracking_uri: str | None = None, data_root: s
     uri = resolve_tracking_uri(tracking_uri)[0]
     client = MlflowClient(tracking_uri=uri)
     with using_tracking_uri(uri):  # loading a models:/ URI reads MLflow's global URI
-        run, model = _load_run_model(client, run_id)
+        run, model = _load_run_model(client, run_id, uri)
     cfg, seg = model.cfg, model.segmenter
     if data_root is not None:
         cfg = cfg.model_copy(deep=True)

@@ -13,15 +13,21 @@ Input: a DataFrame, one row per volume, with
 * ``output`` (optional): where to write the label NIfTI (aligned to the input grid);
 * ``seg_output`` (optional, DICOM inputs): where to write a DICOM SEG.
 
-Output: one row per input with ``modality``, ``shape``, the paths written, the voxel count per class
-and, for ``array`` inputs, ``labels``: the label volume (original label values) as nested lists.
+Output: one row per input with ``modality``, ``shape``, the paths written, the voxel count per class,
+``nonfinite_voxels`` (NaN/inf input voxels replaced by the modality's background value before
+segmenting; see :mod:`medmtl.inference.segmenter`) with a ``notes`` line saying so, and, for ``array``
+inputs, ``labels``: the label volume (original label values) as nested lists. The pyfunc, ``medmtl
+predict`` and ``mlflow models serve`` all answer through :meth:`SegmentationModel.predict`, so they
+behave the same.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -30,22 +36,26 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from medmtl.modality import MODALITIES, dicom_modality
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
-from mlflow.types.schema import Array
+from mlflow.types.schema import AnyType, Array
+
 from medmtl.errors import InputError
+from medmtl.modality import MODALITIES, dicom_modality
 
 __all__ = ["SegmentationModel", "log_segmentation_model", "MODEL_ARTIFACT_PATH", "model_signature"]
 
 MODEL_ARTIFACT_PATH = "model"
+_log = logging.getLogger(__name__)
 
 
 def model_signature(class_names: list[str]) -> ModelSignature:
     """Explicit input/output schema of the pyfunc model (every input column is optional; rows are checked in ``predict``)."""
     inputs = Schema([
         ColSpec("string", "image", required=False),
-        ColSpec(Array(Array(Array("double"))), "array", required=False),
+        # any JSON value: the model checks the shape itself and says in one line what is wrong (2D, 4D, ragged),
+        # where MLflow's schema check would answer "Expected data to be list or numpy array, got float"
+        ColSpec(AnyType(), "array", required=False),
         ColSpec(Array(Array("double")), "affine", required=False),
         ColSpec("string", "modality", required=False),
         ColSpec("string", "output", required=False),
@@ -54,6 +64,7 @@ def model_signature(class_names: list[str]) -> ModelSignature:
     outputs = Schema(
         [ColSpec("string", "modality"), ColSpec("string", "shape"), ColSpec("string", "output"), ColSpec("string", "seg_output")]
         + [ColSpec("long", f"voxels_{n}") for n in class_names]
+        + [ColSpec("long", "nonfinite_voxels", required=False), ColSpec("string", "notes", required=False)]
         + [ColSpec(Array(Array(Array("long"))), "labels", required=False)]
     )
     return ModelSignature(inputs=inputs, outputs=outputs)
@@ -63,7 +74,13 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper around :class:`~medmtl.inference.segmenter.Segmenter`."""
 
     def load_context(self, context) -> None:
-        """Rebuild the net from the logged config and load the weights (``weights_only=True``)."""
+        """Verify the model's files, rebuild the net from the logged config and load the weights (``weights_only=True``).
+
+        The files are checked against the embedded manifest and, when the tracking store is reachable, the
+        manifest against the logged model's recorded digest (:mod:`medmtl.inference.model_manifest`); a
+        changed file raises :class:`~medmtl.errors.ModelError` naming it.
+        """
+        _verify_own_files(Path(context.artifacts["config"]))
         from medmtl.config import validate_config
         from medmtl.data.plan import load_plan
         from medmtl.inference.segmenter import Segmenter
@@ -80,34 +97,75 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Segment every row (NIfTI, DICOM folder or array); write the outputs that the row asks for."""
-        from medmtl.inference.model_io import SegNotPossible, read_model_input, write_dicom_seg, write_nifti
+        from medmtl.inference.model_io import read_model_input
 
-        all_names = _all_class_names(self.cfg)
         rows = []
         for i, rec in enumerate(model_input.to_dict(orient="records")):
             rec = {k: (None if _missing(v) else v) for k, v in rec.items()}
+            where = f"row {i}" + (f" ({rec['image']})" if rec.get("image") else "")
             inp = read_model_input(rec, where=f"row {i}")
-            try:
-                pred = self.segmenter.predict(inp.nifti, inp.modality)
-            finally:
-                inp.cleanup()
-            names = list(self.cfg.data.labels[inp.modality].values())
-            out, seg_out = rec.get("output") or "", rec.get("seg_output") or ""
-            if out:
-                write_nifti(pred.labels.astype(np.uint8), inp.affine, Path(out))
-            if seg_out:
-                if inp.kind != "dicom":
-                    raise InputError(f"row {i}: seg_output needs a DICOM series folder as input")
-                try:
-                    write_dicom_seg(pred.class_indices, inp.dicom_plan, names, Path(seg_out))
-                except SegNotPossible as why:
-                    seg_out = f"not written: {why}"
-            counts = np.bincount(pred.class_indices.reshape(-1), minlength=len(names) + 1)
-            row = {"modality": dicom_modality(inp.modality), "shape": json.dumps(list(pred.labels.shape)), "output": out, "seg_output": seg_out}
-            row.update({f"voxels_{n}": int(counts[1 + names.index(n)]) if n in names else 0 for n in all_names})
-            row["labels"] = pred.labels.astype(int).tolist() if inp.kind == "array" else None
-            rows.append(row)
+            rows.append(self.segment(inp, output=rec.get("output") or "", seg_output=rec.get("seg_output") or "", where=where))
         return pd.DataFrame(rows)
+
+    def segment(self, inp, *, output: str = "", seg_output: str = "", where: str = "input") -> dict:
+        """Segment one :class:`~medmtl.inference.model_io.ModelInput` (removed afterwards) and write the outputs asked for.
+
+        Returns the output row of :meth:`predict`; the wall time per phase (preprocess, sliding_window,
+        invert, write) is left in ``self.last_seconds``.
+        """
+        from medmtl.inference.model_io import SegNotPossible, write_dicom_seg, write_nifti
+        from medmtl.inference.segmenter import BACKGROUND_VALUE
+
+        try:
+            pred = self.segmenter.predict(inp.nifti, inp.modality, name=where)
+        finally:
+            inp.cleanup()
+        t0 = time.perf_counter()
+        names = list(self.cfg.data.labels[inp.modality].values())
+        if output:
+            write_nifti(pred.labels.astype(np.uint8), inp.affine, Path(output))
+        if seg_output:
+            if inp.kind != "dicom":
+                raise InputError(f"{where}: seg_output needs a DICOM series folder as input")
+            try:
+                write_dicom_seg(pred.class_indices, inp.dicom_plan, names, Path(seg_output))
+            except SegNotPossible as why:
+                seg_output = f"not written: {why}"
+        counts = np.bincount(pred.class_indices.reshape(-1), minlength=len(names) + 1)
+        row = {"modality": dicom_modality(inp.modality), "shape": json.dumps(list(pred.labels.shape)), "output": output, "seg_output": seg_output}
+        row.update({f"voxels_{n}": int(counts[1 + names.index(n)]) if n in names else 0 for n in _all_class_names(self.cfg)})
+        row["nonfinite_voxels"] = pred.nonfinite_voxels
+        row["notes"] = ""
+        if pred.nonfinite_voxels:
+            row["notes"] = (f"{pred.nonfinite_voxels} NaN/inf voxels replaced by the {dicom_modality(inp.modality)} background value "
+                            f"{BACKGROUND_VALUE[inp.modality]:g} before segmenting")
+            _log.warning("%s: %s", where, row["notes"])
+        row["labels"] = pred.labels.astype(int).tolist() if inp.kind == "array" else None
+        self.last_seconds = {**pred.seconds, "write": time.perf_counter() - t0}
+        return row
+
+
+def _verify_own_files(config_path: Path) -> None:
+    """The served model's own check (after MLflow imported the bundled code; see model_manifest's docstring)."""
+    from medmtl.inference.model_manifest import DIGEST_TAG, MANIFEST_NAME, verify_model_dir
+
+    root = config_path.resolve().parent.parent  # <model>/artifacts/config.yaml
+    if not (root / "MLmodel").is_file():
+        return  # not loaded from a model folder (e.g. artifacts passed by hand in a test)
+    model_id = (yaml.safe_load((root / "MLmodel").read_text()) or {}).get("model_id")
+    trusted = None
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    if model_id and is_tracking_uri_set():  # never let a lookup create a default store in the serving folder
+        try:
+            trusted = mlflow.tracking.MlflowClient().get_logged_model(model_id).tags.get(DIGEST_TAG)
+        except Exception as err:  # offline serving from a copy: the embedded manifest is all there is
+            _log.warning("model %s: tracking store not reachable (%s); files checked against %s only", model_id,
+                         type(err).__name__, MANIFEST_NAME)
+    if not (root / MANIFEST_NAME).is_file() and trusted is None:
+        _log.warning("model %s has no file manifest (logged before medmtl recorded one): its files are not verified", model_id)
+        return
+    verify_model_dir(root, trusted_digest=trusted, where=str(model_id or root), after_load=True)
 
 
 def _missing(v) -> bool:
@@ -171,6 +229,9 @@ def log_staged_model(folder: Path, *, run_id: str, tracking_uri: str) -> str:
             pip_requirements=reqs,
             signature=model_signature(class_names),
         )
+        from medmtl.tracking.model_loading import record_logged_model_manifest
+
+        record_logged_model_manifest(mlflow.tracking.MlflowClient(tracking_uri=tracking_uri), info.model_id, tracking_uri)
     return info.model_uri
 
 

@@ -89,8 +89,17 @@ def register_run_model(*, tracking_uri: str, run_id: str, name: str, model_uri: 
             name, model_uri, run_id=run_id, tags={"source_run_id": run_id, **lineage, **{k: f"{v:.4f}" for k, v in dice.items()}},
             description="\n".join(desc_lines),
         )
+    _record_files_manifest(client, name, str(mv.version), model_uri, tracking_uri)
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     return RegisteredVersion(name=name, version=str(mv.version), model_uri=f"models:/{name}/{mv.version}")
+
+
+def _record_files_manifest(client: MlflowClient, name: str, version: str, model_uri: str, tracking_uri: str) -> None:
+    """Tag the new version with its files' SHA-256 manifest digest, verified against the logged model's record
+    (``medmtl.tracking.model_loading.record_version_manifest``); predict, evaluate and serving check it before loading."""
+    from medmtl.tracking.model_loading import record_version_manifest
+
+    record_version_manifest(client, name, version, model_uri, tracking_uri)
 
 
 def _dice(run) -> dict[str, float]:

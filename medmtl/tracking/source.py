@@ -74,9 +74,12 @@ def _from_checkpoint(path: Path, tracking_uri: str) -> SourceModel:
 def _from_model_uri(uri: str, tracking_uri: str) -> SourceModel:
     import mlflow
 
+    from medmtl.tracking.model_loading import load_verified_model
+
+    # files checked against the recorded manifest digest before MLflow runs any of them (one-line ModelError)
+    model = load_verified_model(uri, tracking_uri).unwrap_python_model()
     with using_tracking_uri(tracking_uri):
         try:
-            model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
             info = mlflow.models.get_model_info(uri)
         except Exception as err:  # noqa: BLE001
             raise ModelError(f"model {uri}: cannot be loaded from {tracking_uri} ({str(err).splitlines()[0]}); "

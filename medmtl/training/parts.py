@@ -74,11 +74,14 @@ def build_training_parts(cfg: ExperimentConfig, device: torch.device, dist_ctx: 
 
     Seeding is the caller's: the net's initial weights come from torch's global RNG as it stands
     (the trainer seeds everything first, so every rank builds the same net). ``precision`` overrides
-    ``train.precision`` (the precision benchmark compares modes on one config).
+    ``train.precision`` (the precision benchmark compares modes on one config). ``train.compile`` compiles
+    the network's forward in place (``nn.Module.compile``), so checkpoints and gradient readers are unchanged.
     """
     ctx = dist_ctx or DistributedContext()
     prec = Precision(precision or cfg.train.precision, device)
     net = TwoColumnNet(cfg=cfg).to(device)
+    if cfg.train.compile:
+        net.compile()  # in place: parameters, state_dict keys and hooks stay those of `net`
     weighting = build_weighting(cfg.weighting, MODALITIES).to(device)
     optimizer = build_optimizer(cfg, net, weighting.param_groups())
     steps, power = cfg.train.steps, cfg.train.poly_power

@@ -95,6 +95,17 @@ def test_served_model_answers_invocations_with_a_segmentation(trained, store, re
         assert labels.shape == (19, 27, 11)
         assert set(np.unique(labels)) <= {0, 1, 2, 3, 4}
         assert sum(v for k, v in pred.items() if k.startswith("voxels_")) == int((labels > 0).sum())
+
+        # NaN voxels (JSON NaN) are counted and replaced by the MR background, as in the pyfunc (tests/faults)
+        dirty, clean = vol.copy(), vol.copy()
+        dirty[2:5, 3:6, 4:6], clean[2:5, 3:6, 4:6] = np.nan, 0.0
+        rows = [{"array": a.tolist(), "affine": np.diag([7.0, 7.0, 8.0, 1.0]).tolist(), "modality": "MR"} for a in (dirty, clean)]
+        r = requests.post(f"http://127.0.0.1:{port}/invocations", data=json.dumps({"dataframe_records": rows}),  # NaN literals
+                          headers={"Content-Type": "application/json"}, timeout=120)
+        assert r.status_code == 200, r.text[:2000]
+        got, want = r.json()["predictions"]
+        assert got["nonfinite_voxels"] == 18 and want["nonfinite_voxels"] == 0 and "18 NaN/inf voxels replaced" in got["notes"]
+        np.testing.assert_array_equal(np.asarray(got["labels"]), np.asarray(want["labels"]))
     finally:
         stop_group(proc)
         log.close()
