@@ -193,3 +193,40 @@ def test_a_gradient_level_method_applies_its_combination_of_each_tasks_gradient_
         if id(p) not in shared_ids:
             torch.testing.assert_close(seen[id(p)], ref["ct"][i] + ref["mr"][i], rtol=1e-5, atol=1e-7)
     assert set(parts.weighting.log_values()) >= {"gradients/norm/ct", "gradients/cosine/ct_mr", "gradients/conflict_fraction"}
+
+
+def _ddp_method_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from medmtl.training.distributed import DistributedContext
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ctx = DistributedContext(rank=rank, world_size=world, backend="gloo")
+        for method in GRADIENT_METHODS:
+            torch.manual_seed(0)
+            cfg = validate_config({**SMALL, "sharing": [{"kind": "hard", "depths": ["enc0", "enc1"]}], "weighting": {"method": method}})
+            parts = build_training_parts(cfg, torch.device("cpu"), ctx)
+            for step in range(2):
+                parts.step(_rank_batch(rank + 10 * step))
+            torch.save({"net": parts.net.state_dict(), "weighting": parts.weighting.state_dict()}, f"{out_dir}/{method}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+GRADIENT_METHODS = ["metabalance", "pcgrad", "cagrad"]
+
+
+@pytest.mark.slow
+def test_under_data_parallelism_gradient_level_methods_keep_the_ranks_bit_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_method_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for method in GRADIENT_METHODS:
+        a, b = (torch.load(tmp_path / f"{method}{r}.pt", weights_only=True) for r in range(2))
+        for part in ("net", "weighting"):
+            assert a[part].keys() == b[part].keys()
+            for k in a[part]:
+                assert torch.equal(a[part][k], b[part][k]), f"{method}: {part}.{k}"
+        assert int(a["weighting"]["observed_steps"]) == 2
