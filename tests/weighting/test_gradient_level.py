@@ -241,3 +241,23 @@ def test_non_finite_gradients_keep_the_sum_and_change_nothing(weighting):
     method.after_step({"ct": 1.0, "mr": 1.0}, None, applied=False)
     for k, v in before.items():
         torch.testing.assert_close(method.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("weighting", GRADIENT_METHODS, ids=lambda w: w["method"])
+def test_under_a_loss_scale_the_method_sees_unscaled_gradients(toy, weighting):
+    # fp16's GradScaler multiplies every backward by its scale; a CPU scaler does the same here
+    plain, scaled = toy(weighting), toy(weighting)
+    scaled.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14, growth_interval=10_000)
+    assert scaled.precision.loss_scale == 2.0**14
+    for _ in range(4):
+        batch = plain.batch()
+        scaled.batch()  # keep the two data streams in step
+        a, b = plain.step(batch), scaled.step(batch)
+        assert a.applied and b.applied
+        logged_a, logged_b = plain.weighting.log_values(), scaled.weighting.log_values()
+        for key in ("gradients/norm/ct", "gradients/norm/mr", "gradients/coefficient/mr"):
+            assert logged_b[key] == pytest.approx(logged_a[key], rel=1e-5), key
+    for pa, pb in zip(plain.net.parameters(), scaled.net.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+    for k, v in plain.weighting.state_dict().items():
+        torch.testing.assert_close(scaled.weighting.state_dict()[k], v, rtol=1e-5, atol=0, msg=k)
