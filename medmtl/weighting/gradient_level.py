@@ -88,7 +88,10 @@ class GradientCombination(LossWeighting):
         if len(tasks) < 2:
             return None  # one task: nothing to combine (the sum is that task's gradient)
         grads = [task_grads[t] for t in tasks]
-        flat = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in grads])
+        like = grads[0][0]
+        flat = torch.empty(len(tasks), sum(g.numel() for g in grads[0]), dtype=like.dtype, device=like.device)
+        for row, gs in zip(flat, grads):  # one copy of each task's gradient, straight into its row
+            torch.cat([g.reshape(-1) for g in gs], out=row)
         gram = (flat @ flat.T).double().cpu()
         if not bool(torch.isfinite(gram).all()):
             return None  # the step is skipped for non-finite gradients; measure nothing
