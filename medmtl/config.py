@@ -661,8 +661,54 @@ class DSTConfig(_WeightingBase):
     seed: int = Field(0, ge=0, description="seed of the drop draws (identical on every rank; the same seed reproduces a run)")
 
 
+class _GradientCombinationBase(_WeightingBase):
+    """A method that combines the tasks' gradients on the shared parameters (loss weights stay 1)."""
+
+    @property
+    def gradient_parameters(self) -> Literal["shared"]:
+        """Each task's gradient on the parameters both tasks put gradient on."""
+        return "shared"
+
+
+class MetaBalanceConfig(_GradientCombinationBase):
+    """MetaBalance (He et al. 2022): the auxiliary task's gradient rescaled toward the main task's magnitude."""
+
+    method: Literal["metabalance"] = "metabalance"
+    main_task: Modality = Field(
+        "ct",
+        description="target task whose moving-average gradient magnitude the other task's gradient is rescaled toward",
+    )
+    relax_factor: float = Field(
+        0.7, ge=0.0, le=1.0,
+        description="r: 1 = the auxiliary gradient takes the main one's magnitude, 0 = unchanged (equal weighting)",
+    )
+    beta: float = Field(0.9, ge=0.0, lt=1.0, description="moving-average factor of the gradient magnitudes (0.9 as published)")
+
+
+class PCGradConfig(_GradientCombinationBase):
+    """PCGrad (Yu et al. 2020): each task's gradient projected off the conflicting gradients of the others."""
+
+    method: Literal["pcgrad"] = "pcgrad"
+    seed: int = Field(0, ge=0, description="seed of the per-step random task order (identical on every rank)")
+
+
+class CAGradConfig(_GradientCombinationBase):
+    """CAGrad (Liu et al. 2021): the update near the average gradient that best improves the worst task."""
+
+    method: Literal["cagrad"] = "cagrad"
+    c: float = Field(
+        0.4, ge=0.0,
+        description="radius of the ball around the average gradient, relative to its norm (0 = equal weighting)",
+    )
+    rescale: Literal["none", "one_plus_c_squared", "one_plus_c"] = Field(
+        "none",
+        description="divide the update by 1 (the paper), 1 + c^2 or 1 + c (the authors' code's options)",
+    )
+
+
 WeightingConfig = Annotated[
-    Union[EqualWeightingConfig, GradNormConfig, UncertaintyWeightingConfig, DWAConfig, DSTConfig],
+    Union[EqualWeightingConfig, GradNormConfig, UncertaintyWeightingConfig, DWAConfig, DSTConfig,
+          MetaBalanceConfig, PCGradConfig, CAGradConfig],
     Field(discriminator="method"),
 ]
 
@@ -820,7 +866,8 @@ class ExperimentConfig(_Strict):
     )
     weighting: WeightingConfig = Field(
         default_factory=EqualWeightingConfig,
-        description="loss-weighting method (equal, gradnorm, uncertainty, dwa, dst) and its hyper-parameters",
+        description=("loss or gradient weighting method (equal, gradnorm, uncertainty, dwa, dst, metabalance, pcgrad, "
+                     "cagrad) and its hyper-parameters"),
     )
     loss: LossConfig = Field(default_factory=LossConfig, description="segmentation loss of each head")
     train: TrainConfig = Field(default_factory=TrainConfig)

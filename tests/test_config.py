@@ -147,13 +147,26 @@ def test_comparison_configs_differ_only_in_sharing_and_match_the_demo_but_for_we
     # the comment at the top of each abdomen_*/baseline_* config claims exactly this
     root = Path(__file__).resolve().parents[1] / "configs"
     demo = load_config(root / "demo.yaml")
-    studied = [load_config(p) for p in sorted(root.glob("abdomen_*.yaml")) + sorted(root.glob("baseline_*.yaml"))]
+    paths = sorted(p for p in root.glob("abdomen_*.yaml") if not p.name.startswith("abdomen_hard_"))
+    studied = [load_config(p) for p in paths + sorted(root.glob("baseline_*.yaml"))]
     first = studied[0].model_dump(exclude={"name", "sharing"})
     for cfg in studied:
         assert cfg.model_dump(exclude={"name", "sharing"}) == first, cfg.name
         assert cfg.weighting.method == "equal"
         for section in ("data", "preprocess", "model", "loss", "train", "eval"):
             assert getattr(cfg, section) == getattr(demo, section), (cfg.name, section)
+
+
+def test_weighting_variants_differ_from_baseline_hard_only_in_weighting():
+    # abdomen_hard_<method>.yaml: the claim at their top; the study runs them as weighting variants
+    root = Path(__file__).resolve().parents[1] / "configs"
+    base = load_config(root / "baseline_hard.yaml").model_dump(exclude={"name", "weighting"})
+    variants = sorted(root.glob("abdomen_hard_*.yaml"))
+    assert {p.stem.removeprefix("abdomen_hard_") for p in variants} >= {"metabalance", "pcgrad", "cagrad"}
+    for p in variants:
+        cfg = load_config(p)
+        assert cfg.name == p.stem and cfg.weighting.method == p.stem.removeprefix("abdomen_hard_")
+        assert cfg.model_dump(exclude={"name", "weighting"}) == base, p.name
 
 
 def test_loss_section_defaults_are_the_trainers_former_dice_ce():

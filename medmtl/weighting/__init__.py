@@ -4,10 +4,13 @@
 """
 
 from medmtl.weighting.base import LossWeighting
+from medmtl.weighting.cagrad import CAGrad
 from medmtl.weighting.dst import DroppedScheduledTask
 from medmtl.weighting.dwa import DynamicWeightAverage
 from medmtl.weighting.equal import EqualWeighting
 from medmtl.weighting.gradnorm import GradNorm
+from medmtl.weighting.metabalance import MetaBalance
+from medmtl.weighting.pcgrad import PCGrad
 from medmtl.weighting.uncertainty import UncertaintyWeighting
 
 METHODS: dict[str, type[LossWeighting]] = {
@@ -16,6 +19,9 @@ METHODS: dict[str, type[LossWeighting]] = {
     "uncertainty": UncertaintyWeighting,
     "dwa": DynamicWeightAverage,
     "dst": DroppedScheduledTask,
+    "metabalance": MetaBalance,
+    "pcgrad": PCGrad,
+    "cagrad": CAGrad,
 }
 
 

@@ -160,3 +160,73 @@ def test_under_data_parallelism_each_task_gradient_is_the_rank_average_and_ident
             assert torch.equal(seen[0][t][i], seen[1][t][i])  # bit-identical on every rank
             mean = sum(ref[t][i] for ref in refs) / world
             torch.testing.assert_close(seen[0][t][i], mean, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["metabalance", "pcgrad", "cagrad"])
+@pytest.mark.parametrize("sharing", [
+    [{"kind": "hard", "depths": ["enc0", "enc1"]}],
+    [{"kind": "cross_stitch", "depths": ["enc1", "bottleneck"]}],
+], ids=["hard-encoder", "cross-stitch"])
+def test_a_gradient_level_method_applies_its_combination_of_each_tasks_gradient_alone(method, sharing):
+    import copy
+
+    torch.manual_seed(0)
+    cfg = validate_config({**SMALL, "sharing": sharing, "weighting": {"method": method}})
+    parts = build_training_parts(cfg, torch.device("cpu"))
+    assert parts.task_gradients is not None
+    batch = _batch()
+    shared = parts.net.shared_parameters()
+    everything = [p for g in parts.optimizer.param_groups for p in g["params"]]
+    ref = {t: _alone(parts, batch, t, everything) for t in MODALITIES}
+    by_id = {t: {id(p): g for p, g in zip(everything, ref[t])} for t in MODALITIES}
+    # the method's own combination of the gradients computed alone, from a copy in the same state
+    expected = copy.deepcopy(parts.weighting).adjust_gradients({t: [by_id[t][id(p)].clone() for p in shared] for t in MODALITIES})
+    # spy on the optimizer: the gradient it is handed (clip is off, no penalties here)
+    seen = {}
+    parts.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.update({id(p): p.grad.clone() for p in everything}))
+    res = parts.step(batch)
+    assert res.applied
+    for p, e in zip(shared, expected):
+        torch.testing.assert_close(seen[id(p)], e, rtol=1e-4, atol=1e-6)
+    shared_ids = {id(p) for p in shared}
+    for i, p in enumerate(everything):  # task-specific parameters keep the plain sum
+        if id(p) not in shared_ids:
+            torch.testing.assert_close(seen[id(p)], ref["ct"][i] + ref["mr"][i], rtol=1e-5, atol=1e-7)
+    assert set(parts.weighting.log_values()) >= {"gradients/norm/ct", "gradients/cosine/ct_mr", "gradients/conflict_fraction"}
+
+
+def _ddp_method_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from medmtl.training.distributed import DistributedContext
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ctx = DistributedContext(rank=rank, world_size=world, backend="gloo")
+        for method in GRADIENT_METHODS:
+            torch.manual_seed(0)
+            cfg = validate_config({**SMALL, "sharing": [{"kind": "hard", "depths": ["enc0", "enc1"]}], "weighting": {"method": method}})
+            parts = build_training_parts(cfg, torch.device("cpu"), ctx)
+            for step in range(2):
+                parts.step(_rank_batch(rank + 10 * step))
+            torch.save({"net": parts.net.state_dict(), "weighting": parts.weighting.state_dict()}, f"{out_dir}/{method}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+GRADIENT_METHODS = ["metabalance", "pcgrad", "cagrad"]
+
+
+@pytest.mark.slow
+def test_under_data_parallelism_gradient_level_methods_keep_the_ranks_bit_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_method_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for method in GRADIENT_METHODS:
+        a, b = (torch.load(tmp_path / f"{method}{r}.pt", weights_only=True) for r in range(2))
+        for part in ("net", "weighting"):
+            assert a[part].keys() == b[part].keys()
+            for k in a[part]:
+                assert torch.equal(a[part][k], b[part][k]), f"{method}: {part}.{k}"
+        assert int(a["weighting"]["observed_steps"]) == 2

@@ -12,7 +12,7 @@ from torch import nn
 
 from medmtl.config import validate_config
 from medmtl.training.precision import Precision
-from medmtl.training.step import GradientProbe, train_step
+from medmtl.training.step import GradientProbe, TaskGradients, train_step
 from medmtl.weighting import build_weighting
 
 TASKS = ("ct", "mr")
@@ -36,7 +36,8 @@ class ToyTwoTask(nn.Module):
 
 
 class ToyProblem:
-    """Net, data stream (seeded), weighting, SGD and a probe on ``W``; :meth:`step` runs the real ``train_step``."""
+    """Net, data stream (seeded), weighting, SGD, a probe on ``W`` and, for gradient-level methods, the per-task
+    gradients on ``W``; :meth:`step` runs the real ``train_step``."""
 
     def __init__(self, weighting: dict, *, lr: float = 0.02, seed: int = 0) -> None:
         torch.manual_seed(seed)
@@ -44,10 +45,15 @@ class ToyProblem:
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.a = torch.randn(8, 1, generator=self.gen)
         self.b = torch.randn(8, 1, generator=self.gen)
-        self.weighting = build_weighting(validate_config({"weighting": weighting}).weighting, TASKS)
+        # hard sharing only so that methods acting on shared parameters validate; the toy net is built here
+        cfg = validate_config({"sharing": [{"kind": "hard"}], "weighting": weighting})
+        self.weighting = build_weighting(cfg.weighting, TASKS)
         groups = [{"params": list(self.net.parameters())}] + self.weighting.param_groups()
         self.optimizer = torch.optim.SGD(groups, lr=lr)
         self.probe = GradientProbe(list(self.net.shared.parameters()))
+        # the shared layer is what both tasks put gradient on (gradient-level methods: PCGrad, CAGrad, ...)
+        shared = self.weighting.gradient_parameters == "shared"
+        self.task_gradients = TaskGradients(list(self.net.shared.parameters())) if shared else None
         self.precision = Precision("fp32", torch.device("cpu"))
 
     def batch(self) -> dict:
@@ -57,7 +63,7 @@ class ToyProblem:
     def step(self, batch: dict | None = None):
         return train_step(net=self.net, batch=batch or self.batch(), loss_fn=nn.MSELoss(), weighting=self.weighting,
                           optimizer=self.optimizer, precision=self.precision, grad_clip=None, probe=self.probe,
-                          device=torch.device("cpu"))
+                          task_gradients=self.task_gradients, device=torch.device("cpu"))
 
 
 @pytest.fixture

@@ -212,3 +212,19 @@ def test_a_skipped_step_leaves_the_weights_untouched(toy, method):
     after = problem.weighting.state_dict()
     for k, v in before.items():
         torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=k)
+
+
+# --------------------------------------------------------------------------- shared-parameter methods
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_method_on_shared_parameters_is_refused_before_training_when_there_are_none(method):
+    from medmtl.config import ConfigError
+
+    hard = validate_config({"sharing": [{"kind": "hard", "depths": ["enc0"]}], "weighting": {"method": method}})
+    soft = {"sharing": [{"kind": "soft", "depths": {"enc0": 1.0}}], "weighting": {"method": method}}
+    if hard.weighting.gradient_parameters != "shared":
+        validate_config(soft)  # nothing to refuse
+        return
+    # independent columns coupled by a penalty only: no parameter gets gradient from both tasks
+    with pytest.raises(ConfigError, match=rf"weighting\.method: {method} acts on the parameters both tasks put gradient "
+                                          r"on.*\(soft\) has none.*add a mechanism that shares parameters"):
+        validate_config(soft, "configs/x.yaml")

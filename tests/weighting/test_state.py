@@ -13,6 +13,9 @@ SETTINGS = {
     "uncertainty": {"lr": 0.05},
     "dwa": {"steps_per_epoch": 4},
     "dst": {"max_drop_probability": 0.9, "progress_share": 0.5, "stall_patience": 3, "seed": 5},
+    "metabalance": {"main_task": "mr", "relax_factor": 0.8, "beta": 0.7},
+    "pcgrad": {"seed": 3},
+    "cagrad": {"c": 0.5},
 }
 
 
