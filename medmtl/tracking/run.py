@@ -80,8 +80,9 @@ class TrackedRun:
 
     @classmethod
     def open(cls, cfg: ExperimentConfig, *, ctx: DistributedContext, data_dir: Path, split: Split, plan: Plan, plan_path: Path,
-             out_dir: Path, resume_state: dict | None = None, resume_path: Path | None = None) -> "TrackedRun":
-        """Create the run (params, config, plan, ingest summary) or reattach to the resumed one."""
+             out_dir: Path, resume_state: dict | None = None, resume_path: Path | None = None,
+             tags: dict[str, str] | None = None) -> "TrackedRun":
+        """Create the run (params, config, plan, ingest summary) or reattach to the resumed one; ``tags`` are added to a new run."""
         if not ctx.is_main:
             return cls(cfg=cfg, logger=NullLogger())
         apply_http_settings(cfg.tracking)  # bounded timeouts and retries for every MLflow request of this process
@@ -95,7 +96,7 @@ class TrackedRun:
             logger = RunLogger(run_id=resume_state["run_id"], **common)
             logged = last_logged_steps(uri, resume_state["run_id"], spool_root=spool_root)
         else:
-            logger = RunLogger(tags=run_tags(cfg, data_dir, plan_path, ctx, split), **common)
+            logger = RunLogger(tags={**run_tags(cfg, data_dir, plan_path, ctx, split), **(tags or {})}, **common)
             logged = {}
             logger.log_params(flatten_config(cfg))
             logger.log_text(config_to_yaml(cfg), "config.yaml")

@@ -62,12 +62,15 @@ class Trainer:
         run_id: the MLflow run id, stored in checkpoints so that a resume continues the same run.
         logged_steps: per metric key, the last step already in the tracking store (a resumed run
             skips those points instead of logging them twice).
+        on_validation: called as ``on_validation(step, evaluation)`` after every periodic validation
+            (e.g. a sweep reports the score to its pruner; raising there stops training).
     """
 
     def __init__(self, *, cfg: ExperimentConfig, plan: Plan, split: Split, data_dir: str | Path, logger, out_dir: str | Path,
                  progress: bool = True, dist_ctx: DistributedContext | None = None, run_id: str | None = None,
-                 logged_steps: dict[str, int] | None = None) -> None:
+                 logged_steps: dict[str, int] | None = None, on_validation=None) -> None:
         self.cfg, self.plan, self.split = cfg, plan, split
+        self.on_validation = on_validation
         self.data_dir, self.logger, self.out_dir = Path(data_dir), logger, Path(out_dir)
         self.dist = dist_ctx or DistributedContext()
         self.progress = progress and self.dist.is_main
@@ -197,6 +200,8 @@ class Trainer:
                 if self.score(ev) > self.best_score:
                     self.best_score = self.score(ev)
                     self.save("best.pt")
+                if self.on_validation is not None:
+                    self.on_validation(self.step, ev)
                 self.net.train()
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                 self.check_in_sync()
