@@ -117,7 +117,10 @@ class TrackedRun:
         cfg, logger = self.cfg, self.logger
         logger.log_metrics(test.metrics(prefix="test/"), step=summary.steps)
         logger.log_dict({"per_case": test.per_case, "mean_dice": test.mean_dice}, "evaluation/test_dice.json")
-        logger.log_metrics({"train/seconds": summary.seconds, "train/skipped_steps": summary.skipped_steps}, step=summary.steps)
+        timing = {"train/seconds": summary.seconds, "train/skipped_steps": summary.skipped_steps}
+        if summary.step_seconds == summary.step_seconds:  # NaN when a resumed run had no step left
+            timing["train/step_seconds"] = summary.step_seconds
+        logger.log_metrics(timing, step=summary.steps)
         log_history_plots(logger, summary.history)
         log_overlays(logger, Segmenter(trainer.net, cfg, plan, device=trainer.device), split.evaluation, data_dir, cfg.data.labels,
                      max_cases=cfg.tracking.overlay_cases)

@@ -46,6 +46,7 @@ class TrainSummary:
     final_losses: dict[str, float]
     validation: Evaluation | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    step_seconds: float = math.nan  # median wall time of one step (batch + forward/backward + update) in this process
 
 
 class Trainer:
@@ -179,9 +180,12 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         self.net.train()
         last: StepResult | None = None
+        step_times: list[float] = []
         while self.step < t.steps:
+            tick = time.perf_counter()
             batch = next(self.stream)
             last = self.parts.step(batch)
+            step_times.append(time.perf_counter() - tick)
             self.skipped += 0 if last.applied else 1
             self.scheduler.step()
             self.step += 1
@@ -214,4 +218,5 @@ class Trainer:
         return TrainSummary(
             steps=self.step, skipped_steps=self.skipped, seconds=time.perf_counter() - started,
             final_losses=last.losses if last else {}, validation=ev, history=self.history,
+            step_seconds=float(np.median(step_times)) if step_times else math.nan,
         )
