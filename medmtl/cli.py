@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine (one GPU each when there are GPUs)")
     p.add_argument("--storage", default=None, help="Optuna storage URL shared by every worker and machine (default: the study file's, else SQLite in the study folder)")
     p.add_argument("--worker", action="store_true", help="only train cells, no report (for extra workers or machines)")
+    p.add_argument("--profile", choices=["cpu", "cuda"], default=None, help="which of the study's device profiles to use (default: cuda when a GPU is present, else cpu)")
     p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("sweep", help="Optuna TPE search with median pruning over sharing and weighting hyper-parameters; prints the best trial's config")
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_study(args: argparse.Namespace) -> int:
     from pipelines.study import run_study
 
-    run_study(args.study_file, workers=args.workers, storage=args.storage, report=not args.worker)
+    run_study(args.study_file, workers=args.workers, storage=args.storage, report=not args.worker, profile=args.profile)
     return 0
 
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from medmtl.study.cells import dataset_root, expand_cells, study_dir
+from medmtl.study.cells import dataset_root, default_profile, expand_cells, study_dir
 from medmtl.study.queue import CellQueue, run_worker
 from medmtl.study.report import Claim, compare_cells, write_report
 from medmtl.study.runs import collect_results, ensure_parent_run, finish_parent, train_cell
@@ -35,23 +35,25 @@ def prepare_datasets(spec: StudySpec, spec_path: Path) -> None:
         print(f"data set {name}: {s.n_ct} CT + {s.n_mr} MR, relatedness {s.relatedness} -> {root}")
 
 
-def run_study(spec_path: str | Path, *, workers: int = 1, storage: str | None = None, report: bool = True) -> Path | None:
+def run_study(spec_path: str | Path, *, workers: int = 1, storage: str | None = None, report: bool = True,
+              profile: str | None = None) -> Path | None:
     """Train every unfinished cell (resuming killed ones) with ``workers`` processes, then write the report."""
     spec_path = Path(spec_path)
     spec = load_study_spec(spec_path)
     folder = study_dir(spec, spec_path)
     folder.mkdir(parents=True, exist_ok=True)
-    cells = expand_cells(spec, spec_path)
+    profile = profile or default_profile()
+    cells = expand_cells(spec, spec_path, profile)
     by_key = {c.key: c for c in cells}
     prepare_datasets(spec, spec_path)
     url = storage or spec.storage or f"sqlite:///{folder / 'optuna.db'}"
     queue = CellQueue(url, spec.name, heartbeat_s=spec.heartbeat_s, grace_s=spec.grace_s, max_retry=spec.max_retry)
     parent = ensure_parent_run(queue.study, cells[0].cfg, name=spec.name, kind="study")
     added = queue.enqueue({c.key: {"label": c.label} for c in cells})
-    print(f"study {spec.name}: {len(cells)} cells, {added} newly enqueued, storage {url}, parent run {parent}")
+    print(f"study {spec.name}: {len(cells)} cells ({profile} profile), {added} newly enqueued, storage {url}, parent run {parent}")
     started = time.perf_counter()
     if workers > 1:
-        _spawn_workers(spec_path, workers, url)
+        _spawn_workers(spec_path, workers, url, profile)
     else:
         def run_cell(key: str) -> float:
             if key not in by_key:
@@ -59,14 +61,18 @@ def run_study(spec_path: str | Path, *, workers: int = 1, storage: str | None = 
             return train_cell(by_key[key], folder, parent=parent, study=spec.name, train=run_training)
 
         run_worker(queue, run_cell)
-    print(f"study {spec.name}: workers done in {time.perf_counter() - started:.0f} s")
+    wall = time.perf_counter() - started
+    print(f"study {spec.name}: workers done in {wall:.0f} s")
     if not report:
         return None
     results, missing = collect_results(cells, parent=parent)
     comps = compare_cells(results, baseline=spec.baseline, baseline_weighting=spec.reference_weighting, n_boot=spec.bootstrap)
     claims = [Claim(**c.model_dump()) for c in spec.claims]
+    scale = (f"Profile `{profile}`: base `{spec.base}` with overrides `{' '.join([*spec.overrides, *spec.profiles.get(profile, [])])}`; "
+             f"{len(cells)} cells, {len(results)} finished; this invocation's workers ran {wall / 60:.1f} min "
+             f"({workers} worker process{'es' if workers > 1 else ''}).")
     path, head, pics = write_report(folder, title=f"Study {spec.name}", results=results, comps=comps, baseline=spec.baseline,
-                                    claims=claims, notes=spec.notes, missing=missing, n_boot=spec.bootstrap)
+                                    claims=claims, notes=spec.notes + "\n\n" + scale, missing=missing, n_boot=spec.bootstrap)
     finish_parent(cells[0].cfg, parent, description=head, files=[path, *pics], complete=not missing)
     if spec.page:
         page = (spec_path.resolve().parent / spec.page).resolve()
@@ -80,7 +86,7 @@ def run_study(spec_path: str | Path, *, workers: int = 1, storage: str | None = 
     return path
 
 
-def _spawn_workers(spec_path: Path, workers: int, url: str) -> None:
+def _spawn_workers(spec_path: Path, workers: int, url: str, profile: str) -> None:
     """``workers`` processes of ``medmtl study --worker``: CPU threads split between them, one GPU each when there are GPUs."""
     import torch
 
@@ -91,7 +97,7 @@ def _spawn_workers(spec_path: Path, workers: int, url: str) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        cmd = [sys.executable, "-m", "medmtl.cli", "study", str(spec_path), "--worker", "--storage", url]
+        cmd = [sys.executable, "-m", "medmtl.cli", "study", str(spec_path), "--worker", "--storage", url, "--profile", profile]
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
     if any(codes):

@@ -20,7 +20,7 @@ import yaml
 from medmtl.config import ConfigError, ExperimentConfig, apply_overrides, config_to_dict, validate_config
 from medmtl.study.spec import FACTORS, StudySpec
 
-__all__ = ["Cell", "expand_cells", "cell_key", "study_dir", "dataset_root", "merge"]
+__all__ = ["Cell", "expand_cells", "default_profile", "cell_key", "study_dir", "dataset_root", "merge"]
 
 
 @dataclass(frozen=True)
@@ -77,18 +77,29 @@ def cell_key(cfg: ExperimentConfig, dataset: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _base_raw(spec: StudySpec, spec_path: Path) -> dict[str, Any]:
+def default_profile() -> str:
+    """``cuda`` when a GPU is present, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _base_raw(spec: StudySpec, spec_path: Path, profile: str) -> dict[str, Any]:
     base = (spec_path.resolve().parent / spec.base)
     if not base.is_file():
         raise ConfigError(f"{spec_path}: base: config file {base} not found")
     raw = yaml.safe_load(base.read_text()) or {}
-    return apply_overrides(raw, spec.overrides) if spec.overrides else raw
+    overrides = [*spec.overrides, *spec.profiles.get(profile, [])]
+    return apply_overrides(raw, overrides) if overrides else raw
 
 
-def expand_cells(spec: StudySpec, spec_path: str | Path) -> list[Cell]:
-    """Every cell of the matrix (the union of its blocks, each once), validated; errors name the cell."""
+def expand_cells(spec: StudySpec, spec_path: str | Path, profile: str | None = None) -> list[Cell]:
+    """Every cell of the matrix (the union of its blocks, each once), validated; errors name the cell.
+
+    ``profile`` (``cpu`` or ``cuda``; default :func:`default_profile`) picks the study's device overrides.
+    """
     spec_path = Path(spec_path)
-    raw = _base_raw(spec, spec_path)
+    raw = _base_raw(spec, spec_path, profile or default_profile())
     levels = spec.levels()
     seen: dict[tuple, None] = {}
     for block in spec.matrix:

@@ -63,6 +63,7 @@ class StudySpec(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="study name (Optuna study name, MLflow parent run name)")
     base: str = Field(..., description="base experiment YAML (relative to the study file)")
     overrides: list[str] = Field(default_factory=list, description="key.sub=value overrides applied to the base config for every cell")
+    profiles: dict[Literal["cpu", "cuda"], list[str]] = Field(default_factory=dict, description="more overrides by the device the study runs on (`--profile`, default cuda when a GPU is present, else cpu): e.g. a small model and few steps on CPU, the base's full size on GPUs")
     out_dir: str | None = Field(None, description="study folder (cells, checkpoints, report); null = <study file folder>/<name>")
     storage: str | None = Field(None, description="Optuna storage URL shared by all workers (sqlite:///..., postgresql://..., mysql://...); null = SQLite in the study folder")
     heartbeat_s: int = Field(30, ge=1, description="each worker records a heartbeat this often (seconds) for the cell it trains")
