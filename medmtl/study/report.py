@@ -190,6 +190,9 @@ def headline_table(comps: list[Comparison]) -> str:
     for c in sorted(comps, key=lambda c: (c.condition, -c.delta_m)):
         task = {t: f"{c.per_task[t]:+.2f} [{c.per_task_ci[t][0]:+.2f}, {c.per_task_ci[t][1]:+.2f}]" if t in c.per_task else "n/a" for t in MODALITIES}
         flag = "negative transfer" if c.negative_transfer else ("gain" if c.positive_transfer else "")
+        hurt = [t.upper() for t in MODALITIES if t in c.per_task_ci and c.per_task_ci[t][1] < 0]
+        if hurt and not c.negative_transfer:
+            flag = (flag + "; " if flag else "") + f"negative transfer on {', '.join(hurt)}"
         lines.append(f"| {c.condition[0]} | {c.condition[1]} | {c.variant} | {c.weighting} | {c.seeds} | {_fmt(c)} | {task['ct']} | {task['mr']} | {flag} |")
     return "\n".join(lines)
 
@@ -308,7 +311,7 @@ def write_report(folder: Path, *, title: str, results: list[CellResult], comps: 
     parts += ["## Headline: delta_m against single-task", "",
               f"delta_m in percent of the single-task Dice (mean over CT and MR; positive = better than single-task), "
               f"with a paired two-level bootstrap 95% interval ({n_boot} resamples over seeds, then test cases). "
-              "`negative transfer`: the whole interval is below zero; `gain`: the whole interval is above zero.", "", head, ""]
+              "`negative transfer`: the whole interval is below zero (`on MR`: the MR term's interval); `gain`: the whole interval is above zero.", "", head, ""]
     if claims:
         parts += ["## The claims, checked against these numbers", ""]
         for cl in claims:

@@ -118,7 +118,7 @@ def test_sweep_runs_trials_as_child_runs_and_prints_the_best_config(tiny_dataset
     assert out.read_text() in printed
     assert cfg.sharing[0].depths["enc0"] == pytest.approx(best.params["sharing.0.depths.enc0"])
     a = best.params["sharing.1.init"]
-    assert cfg.sharing[1].init == pytest.approx(((a, 1 - a), (1 - a, a)))
+    assert [v for row in cfg.sharing[1].init for v in row] == pytest.approx([a, 1 - a, 1 - a, a])
     assert cfg.weighting.alpha == pytest.approx(best.params["weighting.alpha"])
     client = MlflowClient(tracking_uri=uri)
     parent = study.user_attrs["mlflow_parent_run_id"]
