@@ -68,9 +68,10 @@ def run_study(spec_path: str | Path, *, workers: int = 1, storage: str | None = 
     results, missing = collect_results(cells, parent=parent)
     comps = compare_cells(results, baseline=spec.baseline, baseline_weighting=spec.reference_weighting, n_boot=spec.bootstrap)
     claims = [Claim(**c.model_dump()) for c in spec.claims]
+    span = queue.wall_time()
     scale = (f"Profile `{profile}`: base `{spec.base}` with overrides `{' '.join([*spec.overrides, *spec.profiles.get(profile, [])])}`; "
-             f"{len(cells)} cells, {len(results)} finished; this invocation's workers ran {wall / 60:.1f} min "
-             f"({workers} worker process{'es' if workers > 1 else ''}).")
+             f"{len(cells)} cells, {len(results)} finished. Wall time of the cells, first start to last end: {span[0] / 60:.1f} min "
+             f"({span[1] / 60:.1f} min of cell time summed over the workers).")
     path, head, pics = write_report(folder, title=f"Study {spec.name}", results=results, comps=comps, baseline=spec.baseline,
                                     claims=claims, notes=spec.notes + "\n\n" + scale, missing=missing, n_boot=spec.bootstrap)
     finish_parent(cells[0].cfg, parent, description=head, files=[path, *pics], complete=not missing)

@@ -153,6 +153,14 @@ class CellQueue:
         else:
             self.storage.set_trial_state_values(claim.trial_id, state=TrialState.COMPLETE, values=[float(value)])
 
+    def wall_time(self) -> tuple[float, float]:
+        """``(seconds from the first trial's start to the last one's end, seconds summed over COMPLETE trials)``."""
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.datetime_start and t.datetime_complete]
+        if not done:
+            return 0.0, 0.0
+        span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
+        return span.total_seconds(), sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
+
     def has_running(self) -> bool:
         """True while some worker holds a trial."""
         return bool(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))

@@ -249,7 +249,7 @@ def _plots(comps: list[Comparison], results: list[CellResult], folder: Path) -> 
     paths = []
     conds = sorted({c.condition for c in comps})
     if conds:
-        fig, axes = plt.subplots(1, len(conds), figsize=(4.2 * len(conds), 3.8), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(conds), figsize=(4.8 * len(conds), 3.8), squeeze=False)
         for ax, cond in zip(axes[0], conds):
             cs = sorted([c for c in comps if c.condition == cond], key=lambda c: c.delta_m)
             y = np.arange(len(cs))
@@ -269,6 +269,8 @@ def _plots(comps: list[Comparison], results: list[CellResult], folder: Path) -> 
         paths.append(p)
     # Dice per organ, per condition and modality: one bar per variant (mean over seeds), sd as error bars
     rconds = sorted({(r.factors["dataset"], r.factors["budget"]) for r in results})
+    every = sorted({(r.factors["variant"], r.factors["weighting"]) for r in results})
+    color = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(every)}  # one colour per variant in every panel
     if rconds:
         fig, axes = plt.subplots(len(rconds), len(MODALITIES), figsize=(10, 3.0 * len(rconds)), squeeze=False)
         for i, cond in enumerate(rconds):
@@ -285,12 +287,15 @@ def _plots(comps: list[Comparison], results: list[CellResult], folder: Path) -> 
                                for r in rs if (r.factors["variant"], r.factors["weighting"]) == name]
                         vals.append((np.nanmean(per), np.nanstd(per)))
                     x = np.arange(len(organs)) + k * width
-                    ax.bar(x, [v[0] for v in vals], width, yerr=[v[1] for v in vals], label=f"{name[0]} ({name[1]})", capsize=1)
+                    ax.bar(x, [v[0] for v in vals], width, yerr=[v[1] for v in vals], color=color[name], capsize=1)
                 ax.set_xticks(np.arange(len(organs)) + 0.4 - width / 2, organs, fontsize=7)
                 ax.set_ylim(0, 1)
                 ax.set_title(f"{m.upper()} Dice: {cond[0]}, MR budget {cond[1]}", fontsize=9)
-        axes[0][-1].legend(fontsize=6, loc="lower right")
-        fig.tight_layout()
+        from matplotlib.patches import Patch
+
+        fig.legend(handles=[Patch(color=color[n], label=f"{n[0]} ({n[1]})") for n in every], loc="lower center",
+                   ncol=min(5, len(every)), fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(every) > 5), 1, 1))
         p = folder / "dice_per_organ.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
@@ -327,10 +332,23 @@ def write_report(folder: Path, *, title: str, results: list[CellResult], comps: 
         pos = [_name(c) for c in cs if c.positive_transfer]
         parts.append(f"- {cond[0]}, MR budget {cond[1]}: best {_name(best)} {_fmt(best)}; "
                      f"interval above zero: {', '.join(pos) or 'none'}; negative transfer: {', '.join(neg) or 'none'}.")
+        for c in cs:
+            if not c.positive_transfer:
+                continue
+            ok = [t.upper() for t in MODALITIES if t in c.per_task_ci and c.per_task_ci[t][0] > 0]
+            parts.append(f"  - {_name(c)}: the interval of each task's own term is above zero for {', '.join(ok) or 'neither task'}"
+                         + ("; it gains on CT as well, whose labels were not made scarce: part of the gain is the mechanism "
+                            "training faster or fitting better, not transfer to the scarce task" if "CT" in ok and cond[1] != "all" else "") + ".")
+    seeds = sorted({c.seeds for c in comps})
+    parts += ["", f"How far to trust the intervals: each rests on {', '.join(map(str, seeds))} seed(s) and their test cases; with "
+              "few seeds the seed level of the bootstrap has few distinct draws, so the intervals are optimistic and a "
+              "result that holds for one seed only is not a result."]
     parts += ["", "![delta_m per variant](delta_m.png)", "", "## Dice per modality (mean ± sd over seeds of the cells' mean test Dice)", "", mod, "",
               "## Dice per organ (mean ± sd over seeds)", "", org, "", "![Dice per organ](dice_per_organ.png)", "",
               "## Compute cost", "", "Parameters of the whole network (both columns, sharing modules, heads); median wall time of one "
-              "training step (both modalities' batches, forward, backward, update) over the cells of a variant, on the machine that ran them.", "",
+              "training step (both modalities' batches, forward, backward, update) over the cells of a variant, on the machine that ran them. "
+              "Cells ran in separate processes at different times: on a machine shared with other jobs these times carry that load, "
+              "and `benchmarks/sharing.py` measures the ratios side by side.", "",
               cost_table(results, baseline), ""]
     if missing:
         parts += ["## Cells without a result", "", *[f"- {m}" for m in missing], ""]
