@@ -68,7 +68,7 @@ def run_study(spec_path: str | Path, *, workers: int = 1, storage: str | None = 
     results, missing = collect_results(cells, parent=parent)
     comps = compare_cells(results, baseline=spec.baseline, baseline_weighting=spec.reference_weighting, n_boot=spec.bootstrap)
     claims = [Claim(**c.model_dump()) for c in spec.claims]
-    span = queue.wall_time()
+    span = queue.wall_time(set(by_key))
     scale = (f"Profile `{profile}`: base `{spec.base}` with overrides `{' '.join([*spec.overrides, *spec.profiles.get(profile, [])])}`; "
              f"{len(cells)} cells, {len(results)} finished. Wall time of the cells, first start to last end: {span[0] / 60:.1f} min "
              f"({span[1] / 60:.1f} min of cell time summed over the workers).")

@@ -153,9 +153,10 @@ class CellQueue:
         else:
             self.storage.set_trial_state_values(claim.trial_id, state=TrialState.COMPLETE, values=[float(value)])
 
-    def wall_time(self) -> tuple[float, float]:
-        """``(seconds from the first trial's start to the last one's end, seconds summed over COMPLETE trials)``."""
-        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.datetime_start and t.datetime_complete]
+    def wall_time(self, cells: set[str] | None = None) -> tuple[float, float]:
+        """``(seconds from the first trial's start to the last one's end, seconds summed)`` over the COMPLETE trials of ``cells`` (default all)."""
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.datetime_start and t.datetime_complete and (cells is None or t.user_attrs.get(CELL_ATTR) in cells)]
         if not done:
             return 0.0, 0.0
         span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
