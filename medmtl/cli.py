@@ -29,7 +29,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     """``medmtl synth``: synthetic scanner exports and label masks."""
     from medmtl.synth import synthesize_exports
 
-    res = synthesize_exports(args.out_dir, n_ct=args.ct, n_mr=args.mr, seed=args.seed, progress=True)
+    res = synthesize_exports(args.out_dir, n_ct=args.ct, n_mr=args.mr, seed=args.seed, progress=True,
+                             relatedness=args.relatedness, mr_labelled=args.mr_labelled)
     n_img = sum(not s.is_localizer for s in res.series)
     print(f"wrote {n_img} image series ({args.ct} CT, {args.mr} MR patients) to {res.export_dir}, labels in {res.labels_dir}")
     return 0
@@ -197,6 +198,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """``medmtl study``: train the study's cells (resumable, several workers) and write its report."""
+    from pipelines.study import run_study
+
+    run_study(args.study_file, workers=args.workers, storage=args.storage, report=not args.worker, profile=args.profile)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``medmtl sweep``: Optuna search; prints (and with --out writes) the best trial's config."""
+    from medmtl.atomic import atomic_write_bytes
+    from pipelines.sweep import run_sweep
+
+    best = run_sweep(args.sweep_file, trials=args.trials, storage=args.storage)
+    if args.out:
+        atomic_write_bytes(args.out, best.encode())
+    sys.stdout.write(best)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand; each sets ``func`` to its ``cmd_*`` function."""
     ap = argparse.ArgumentParser(prog="medmtl", description="Joint CT and MRI segmentation: from scanner exports to a registered model.")
@@ -207,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct", type=int, default=10, help="number of CT patients")
     p.add_argument("--mr", type=int, default=10, help="number of MR patients (a different set)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--relatedness", type=float, default=1.0, help="0..1: MR anatomy drawn from the CT cohort's distribution (1) or a conflicting one (0: mirrored layout, other sizes, positions, shapes)")
+    p.add_argument("--mr-labelled", type=int, default=None, metavar="K", help="write label masks for only K of the MR patients (scarce MR labels)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("ingest", help="scanner export -> pseudonymized NIfTI dataset + manifest + report")
@@ -295,6 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete the workdir first")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("study", help="a matrix of runs (sharing x weighting x seeds x label budgets x data sets) as MLflow child runs, and its delta_m report")
+    p.add_argument("study_file", help="study YAML (see studies/)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine (one GPU each when there are GPUs)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL shared by every worker and machine (default: the study file's, else SQLite in the study folder)")
+    p.add_argument("--worker", action="store_true", help="only train cells, no report (for extra workers or machines)")
+    p.add_argument("--profile", choices=["cpu", "cuda"], default=None, help="which of the study's device profiles to use (default: cuda when a GPU is present, else cpu)")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("sweep", help="Optuna TPE search with median pruning over sharing and weighting hyper-parameters; prints the best trial's config")
+    p.add_argument("sweep_file", help="sweep YAML (see studies/)")
+    p.add_argument("--trials", type=int, default=None, help="trials this invocation runs (default: the file's)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: the file's, else SQLite in the sweep folder)")
+    p.add_argument("--out", default=None, help="also write the best trial's config to this YAML file")
+    p.set_defaults(func=cmd_sweep)
     return ap
 
 

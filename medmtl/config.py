@@ -68,6 +68,13 @@ class DataConfig(_Strict):
         "memory",
         description="cache the deterministic part of the transform chain in memory (CacheDataset) or not at all",
     )
+    label_budget: dict[Literal["ct", "mr"], int] = Field(
+        default_factory=dict,
+        description=(
+            "per modality: train on only the first k labelled training cases (in the split's seeded order; validation and "
+            "test cases unchanged), e.g. {mr: 3} makes MR scarce; a modality not listed uses all"
+        ),
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per modality")
     augment_on_device: bool = Field(
         True,
@@ -84,6 +91,14 @@ class DataConfig(_Strict):
         description=("per modality: label value in the masks -> class name; 0 is background; "
                      "each head predicts its own modality's classes"),
     )
+
+    @field_validator("label_budget")
+    @classmethod
+    def _budget_positive(cls, v: dict[str, int]) -> dict[str, int]:
+        for m, k in v.items():
+            if k < 1:
+                raise ValueError(f"label_budget.{m} must be at least 1 training case, got {k}")
+        return v
 
     @field_validator("labels")
     @classmethod

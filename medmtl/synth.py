@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -629,10 +629,10 @@ def _ct_study(out: Path, seed: int, index: int, patient: FakePatient, folder: Pa
 
 
 def _mr_study(out: Path, seed: int, index: int, patient: FakePatient, folder: Path, matrix: int,
-              study_date: date) -> list[SynthSeries]:
-    """Write one MR study (a T2-weighted series, every third one oblique) and its label."""
+              study_date: date, relatedness: float = 1.0, labelled: bool = True) -> list[SynthSeries]:
+    """Write one MR study (a T2-weighted series, every third one oblique) and its label (when ``labelled``)."""
     key = _MODALITY_KEY["MR"]
-    anat = _make_anatomy(_rng(seed, key, index, 0))
+    anat = _related_anatomy(_make_anatomy(_rng(seed, key, index, 0)), relatedness, _rng(seed, key, index, 2))
     rng = _rng(seed, key, index, 1)
     signal_table = _mr_lookup(rng)
     manufacturer, model, field_t = _MR_SCANNERS[int(rng.integers(len(_MR_SCANNERS)))]
@@ -697,14 +697,60 @@ def _mr_study(out: Path, seed: int, index: int, patient: FakePatient, folder: Pa
     series_dir = folder / "SE000000"
     _write_series(series_dir, datasets, rng, ".dcm" if index % 4 == 1 else "")
     affine_ras = _LPS_TO_RAS @ grid.affine_lps()
-    label_path = out / "labels" / f"{series_uid}.nii.gz"
-    _write_label(label_path, labels, affine_ras)
+    label_path = out / "labels" / f"{series_uid}.nii.gz" if labelled else None
+    if label_path is not None:
+        _write_label(label_path, labels, affine_ras)
     return [SynthSeries(
         modality="MR", patient=patient, study_uid=study_uid, series_uid=series_uid,
         frame_of_reference_uid=for_uid, dicom_dir=series_dir, label_path=label_path,
         shape=(matrix, matrix, n_slices), affine_ras=affine_ras, is_localizer=False,
         oblique=oblique, organ_centers_lps=_centers(anat),
     )]
+
+
+# ----------------------------------------------------------------------------------------------
+# Relatedness of the MR cohort to the CT cohort (the study's knob for positive and negative transfer)
+
+# The conflicting anatomy of R = 0, per organ label: (relative size per semi-axis, shift in mm LPS,
+# extra lumpiness of the surface). Liver and spleen trade places and sizes, the kidneys swap sides and
+# move up, every surface gets lumpier: what a CT-trained feature says about where and how big an organ
+# is becomes wrong for MR.
+_CONFLICT = {
+    1: (np.array([0.6, 0.65, 0.6]), np.array([0.0, 10.0, 30.0]), 2.5),   # liver: small, higher
+    2: (np.array([1.8, 1.3, 1.3]), np.array([0.0, -15.0, -20.0]), 2.5),  # spleen: large, lower
+    3: (np.array([1.3, 1.2, 0.8]), np.array([0.0, 0.0, 35.0]), 2.5),     # kidneys: rounder, higher
+    4: (np.array([1.3, 1.2, 0.8]), np.array([0.0, 0.0, 50.0]), 2.5),
+}
+
+
+def _related_anatomy(anat: _Anatomy, relatedness: float, rng: np.random.Generator) -> _Anatomy:
+    """Move a CT-distributed anatomy toward the conflicting one of ``relatedness = 0``.
+
+    At ``relatedness = 1`` the anatomy is returned unchanged (the MR cohort is drawn from the CT
+    cohort's distribution, byte-identical to a synth without the option). Below 1, with ``t = 1 - R``:
+    the left/right layout is mirrored about the body axis with probability ``t`` per patient (liver on
+    the patient's left, spleen on the right, the kidney labelled left on the right: a layout is either
+    mirrored or not, never halfway), and every organ's size, cranio-caudal level and surface lumpiness
+    move linearly by ``t`` toward :data:`_CONFLICT`.
+    """
+    if not 0.0 <= relatedness <= 1.0:
+        raise ValueError(f"relatedness must be between 0 and 1, got {relatedness}")
+    t = 1.0 - relatedness
+    if t == 0.0:
+        return anat
+    mirrored = bool(rng.uniform() < t)
+    organs = []
+    for o in anat.organs:
+        scale, shift, lumps = _CONFLICT[o.label]
+        center = o.center.copy()
+        if mirrored:
+            center[0] = 2 * anat.center_xy[0] - center[0]
+        organs.append(replace(
+            o, center=center + t * shift,
+            semi_axes=o.semi_axes * (1.0 + t * (scale - 1.0)),
+            amps=o.amps * (1.0 + t * (lumps - 1.0)),
+        ))
+    return replace(anat, organs=tuple(organs))
 
 
 def _centers(anat: _Anatomy) -> dict[int, tuple[float, float, float]]:
@@ -724,7 +770,7 @@ def _refuse_non_empty(path: Path) -> None:
 
 def synthesize_exports(out_dir: Path | str, *, n_ct: int, n_mr: int, seed: int = 0,
                        ct_matrix: int = 96, mr_matrix: int = 80,
-                       progress: bool = False) -> SynthResult:
+                       progress: bool = False, relatedness: float = 1.0, mr_labelled: int | None = None) -> SynthResult:
     """Write a synthetic PACS-like export of ``n_ct`` CT and ``n_mr`` MR patients, with label masks.
 
     CT and MR patients are disjoint. Each CT study holds a coronal localizer (no label) and an axial
@@ -740,6 +786,12 @@ def synthesize_exports(out_dir: Path | str, *, n_ct: int, n_mr: int, seed: int =
         ct_matrix: rows and columns of the CT series.
         mr_matrix: rows and columns of the MR series.
         progress: print one line per study to stderr (no PHI).
+        relatedness: 0..1, how the MR cohort's anatomy relates to the CT cohort's: drawn from the CT
+            distribution at 1, from a conflicting one (mirrored layout, other sizes, positions and
+            shapes) at 0; in between, mirrored layouts with probability 1 - R and sizes,
+            positions and shapes linearly between the two (:func:`_related_anatomy`).
+        mr_labelled: write label masks for only the first k MR patients (None = all); the other MR
+            series are exported without a mask.
 
     Returns:
         A `SynthResult` describing every series written.
@@ -750,6 +802,10 @@ def synthesize_exports(out_dir: Path | str, *, n_ct: int, n_mr: int, seed: int =
     """
     if n_ct < 0 or n_mr < 0:
         raise InputError(f"n_ct and n_mr must be >= 0, got n_ct={n_ct}, n_mr={n_mr}.")
+    if mr_labelled is not None and not 0 <= mr_labelled <= n_mr:
+        raise InputError(f"mr_labelled must be between 0 and n_mr={n_mr}, got {mr_labelled}.")
+    if not 0.0 <= relatedness <= 1.0:
+        raise InputError(f"relatedness must be between 0 and 1, got {relatedness}.")
     if ct_matrix < 16 or mr_matrix < 16:
         raise InputError(f"ct_matrix and mr_matrix must be >= 16, got {ct_matrix} and {mr_matrix}.")
     root = Path(out_dir)
@@ -773,7 +829,8 @@ def synthesize_exports(out_dir: Path | str, *, n_ct: int, n_mr: int, seed: int =
     for j in range(n_mr):
         p = n_ct + j
         folder = dicom_root / f"PA{p:06d}" / "ST000000"
-        series += _mr_study(root, seed, j, patients[p], folder, mr_matrix, dates[p])
+        series += _mr_study(root, seed, j, patients[p], folder, mr_matrix, dates[p], relatedness=relatedness,
+                            labelled=mr_labelled is None or j < mr_labelled)
         if progress:
             print(f"synth: MR study {j + 1}/{n_mr} written", file=sys.stderr)
     return SynthResult(root=root, export_dir=export_dir, labels_dir=labels_dir, series=series)

@@ -30,11 +30,13 @@ class TrainResult:
 
 
 def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progress: bool = True,
-                 resume: str | Path | None = None) -> TrainResult:
+                 resume: str | Path | None = None, tags: dict[str, str] | None = None, on_validation=None) -> TrainResult:
     """Train ``cfg`` end to end and return the MLflow run id and held-out Dice.
 
     Under ``torchrun`` every rank trains on its shard; only rank 0 talks to MLflow and writes
     checkpoints. ``resume`` (a ``last.pt``) continues the same MLflow run without duplicated steps.
+    ``tags`` go on a new run (a study's cell: its parent run and cell key); ``on_validation(step, evaluation)``
+    is called after each periodic validation (a sweep's pruner).
     """
     ctx = init_distributed(resolve_device(cfg.train.device).type)
     data_dir, split = load_split(cfg)
@@ -47,13 +49,13 @@ def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progres
     plan = resolve_plan(load_plan(plan_path), cfg)
     state = load_checkpoint(resume) if resume is not None else None
     run = TrackedRun.open(cfg, ctx=ctx, data_dir=data_dir, split=split, plan=plan, plan_path=plan_path, out_dir=Path(out_dir),
-                          resume_state=state, resume_path=Path(resume) if resume is not None else None)
+                          resume_state=state, resume_path=Path(resume) if resume is not None else None, tags=tags)
     # a resumed run keeps writing beside the checkpoint it came from; only rank 0 writes at all
     ckpt_dir = Path(resume).parent if resume is not None else run.checkpoint_dir or Path(out_dir)
     try:
         trainer = Trainer(cfg=cfg, plan=plan, split=split, data_dir=data_dir, logger=run.logger, out_dir=ckpt_dir,
                           progress=progress, dist_ctx=ctx,
-                          run_id=run.run_id, logged_steps=run.logged_steps)
+                          run_id=run.run_id, logged_steps=run.logged_steps, on_validation=on_validation)
         if state is not None:
             trainer.load_state_dict(state)
         summary = trainer.train()

@@ -53,13 +53,16 @@ def _stable_key(seed: int, text: str) -> str:
     return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
 
 
-def split_cases(entries: list[ManifestEntry], *, val_fraction: float, seed: int, test_fraction: float = 0.0) -> Split:
+def split_cases(entries: list[ManifestEntry], *, val_fraction: float, seed: int, test_fraction: float = 0.0,
+                label_budget: dict[str, int] | None = None) -> Split:
     """Split labelled entries by case (patient), per modality, reproducibly for a seed.
 
     Splitting by case keeps two series of one patient on the same side. Cases are ordered by a keyed
     hash of their id; the first ``test_fraction`` of them are test cases, the next ``val_fraction``
     validation cases, the rest training cases. Each modality keeps at least one training and one
     validation case (and one test case when ``test_fraction > 0``); too few labelled cases is an error.
+    ``label_budget`` (modality -> k) keeps only the first k training cases of that order, so a scarce-label
+    run and a full one share their validation and test cases exactly.
     """
     train: dict[str, list[ManifestEntry]] = {}
     val: dict[str, list[ManifestEntry]] = {}
@@ -76,7 +79,8 @@ def split_cases(entries: list[ManifestEntry], *, val_fraction: float, seed: int,
         test_cases, val_cases = set(cases[:n_test]), set(cases[n_test : n_test + n_val])
         test[m] = [e for e in labelled if e.case_id in test_cases]
         val[m] = [e for e in labelled if e.case_id in val_cases]
-        train[m] = [e for e in labelled if e.case_id not in val_cases | test_cases]
+        train_cases = [c for c in cases if c not in val_cases | test_cases][: (label_budget or {}).get(m)]
+        train[m] = [e for e in labelled if e.case_id in set(train_cases)]
     return Split(train=train, val=val, test=test)
 
 
@@ -243,4 +247,5 @@ def load_split(cfg: ExperimentConfig) -> tuple[Path, Split]:
     """Read the manifest under ``cfg.data.root`` and split it (errors name the file)."""
     data_dir = Path(cfg.data.root)
     entries = read_manifest(data_dir)
-    return data_dir, split_cases(entries, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+    return data_dir, split_cases(entries, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.seed,
+                                 label_budget=cfg.data.label_budget)

@@ -99,8 +99,9 @@ class TrackedRun:
 
     @classmethod
     def open(cls, cfg: ExperimentConfig, *, ctx: DistributedContext, data_dir: Path, split: Split, plan: Plan, plan_path: Path,
-             out_dir: Path, resume_state: dict | None = None, resume_path: Path | None = None) -> "TrackedRun":
-        """Create the run (params, config, plan, ingest summary) or reattach to the resumed one."""
+             out_dir: Path, resume_state: dict | None = None, resume_path: Path | None = None,
+             tags: dict[str, str] | None = None) -> "TrackedRun":
+        """Create the run (params, config, plan, ingest summary) or reattach to the resumed one; ``tags`` are added to a new run."""
         if not ctx.is_main:
             return cls(cfg=cfg, logger=NullLogger())
         apply_http_settings(cfg.tracking)  # bounded timeouts and retries for every MLflow request of this process
@@ -114,7 +115,7 @@ class TrackedRun:
             logger = RunLogger(run_id=resume_state["run_id"], **common)
             logged = last_logged_steps(uri, resume_state["run_id"], spool_root=spool_root)
         else:
-            logger = RunLogger(tags=run_tags(cfg, data_dir, plan_path, ctx, split), **common)
+            logger = RunLogger(tags={**run_tags(cfg, data_dir, plan_path, ctx, split), **(tags or {})}, **common)
         try:
             if resume_state is None:
                 logged = {}
@@ -140,7 +141,10 @@ class TrackedRun:
         cfg, logger = self.cfg, self.logger
         logger.log_metrics(test.metrics(prefix="test/"), step=summary.steps)
         logger.log_dict({"per_case": test.per_case, "mean_dice": test.mean_dice}, "evaluation/test_dice.json")
-        logger.log_metrics({"train/seconds": summary.seconds, "train/skipped_steps": summary.skipped_steps}, step=summary.steps)
+        timing = {"train/seconds": summary.seconds, "train/skipped_steps": summary.skipped_steps}
+        if summary.step_seconds == summary.step_seconds:  # NaN when a resumed run had no step left
+            timing["train/step_seconds"] = summary.step_seconds
+        logger.log_metrics(timing, step=summary.steps)
         log_history_plots(logger, summary.history)
         log_overlays(logger, Segmenter(trainer.net, cfg, plan, device=trainer.device), split.evaluation, data_dir, cfg.data.labels,
                      max_cases=cfg.tracking.overlay_cases)

@@ -46,6 +46,7 @@ class TrainSummary:
     final_losses: dict[str, float]
     validation: Evaluation | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    step_seconds: float = math.nan  # median wall time of one step (batch + forward/backward + update) in this process
 
 
 class Trainer:
@@ -62,12 +63,15 @@ class Trainer:
         run_id: the MLflow run id, stored in checkpoints so that a resume continues the same run.
         logged_steps: per metric key, the last step already in the tracking store (a resumed run
             skips those points instead of logging them twice).
+        on_validation: called as ``on_validation(step, evaluation)`` after every periodic validation
+            (e.g. a sweep reports the score to its pruner; raising there stops training).
     """
 
     def __init__(self, *, cfg: ExperimentConfig, plan: Plan, split: Split, data_dir: str | Path, logger, out_dir: str | Path,
                  progress: bool = True, dist_ctx: DistributedContext | None = None, run_id: str | None = None,
-                 logged_steps: dict[str, int] | None = None) -> None:
+                 logged_steps: dict[str, int] | None = None, on_validation=None) -> None:
         self.cfg, self.plan, self.split = cfg, plan, split
+        self.on_validation = on_validation
         self.data_dir, self.logger, self.out_dir = Path(data_dir), logger, Path(out_dir)
         self.dist = dist_ctx or DistributedContext()
         self.progress = progress and self.dist.is_main
@@ -182,9 +186,12 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         self.net.train()
         last: StepResult | None = None
+        step_times: list[float] = []
         while self.step < t.steps:
+            tick = time.perf_counter()
             batch = next(self.stream)
             last = self.parts.step(batch)
+            step_times.append(time.perf_counter() - tick)
             self.skipped += 0 if last.applied else 1
             self.scheduler.step()
             self.step += 1
@@ -203,6 +210,8 @@ class Trainer:
                 if self.score(ev) > self.best_score:
                     self.best_score = self.score(ev)
                     self.save("best.pt")
+                if self.on_validation is not None:
+                    self.on_validation(self.step, ev)
                 self.net.train()
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                 self.check_in_sync()
@@ -215,4 +224,5 @@ class Trainer:
         return TrainSummary(
             steps=self.step, skipped_steps=self.skipped, seconds=time.perf_counter() - started,
             final_losses=last.losses if last else {}, validation=ev, history=self.history,
+            step_seconds=float(np.median(step_times)) if step_times else math.nan,
         )
