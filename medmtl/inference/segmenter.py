@@ -30,6 +30,7 @@ class Prediction:
     labels: np.ndarray
     affine: np.ndarray
     class_indices: np.ndarray  # (X, Y, Z) class indices 0..n (0 = background)
+    probabilities: torch.Tensor | None = None  # (n+1, X, Y, Z) class probabilities, when asked for (validation loss)
 
 
 class Segmenter:
@@ -52,8 +53,9 @@ class Segmenter:
             predictor=lambda t: self.net(t, modality).float(), overlap=ev.sw_overlap, mode=ev.sw_mode,
         )
 
-    def predict(self, image: str | Path | torch.Tensor, modality: str) -> Prediction:
-        """Segment one image (a NIfTI path, or a MetaTensor with its affine) of ``modality`` (``ct``/``mr``)."""
+    def predict(self, image: str | Path | torch.Tensor, modality: str, *, keep_probabilities: bool = False) -> Prediction:
+        """Segment one image (a NIfTI path, or a MetaTensor with its affine) of ``modality`` (``ct``/``mr``);
+        ``keep_probabilities`` also returns the class probabilities on the input grid."""
         given, modality = modality, parse_modality(modality)
         if modality is None:
             raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {given!r}")
@@ -71,4 +73,5 @@ class Segmenter:
             affine = np.asarray(out.affine if hasattr(out, "affine") else d["image"].meta["original_affine"], dtype=np.float64)
         finally:
             self.net.train(was_training)
-        return Prediction(labels=self.values[modality][idx], affine=affine, class_indices=idx)
+        return Prediction(labels=self.values[modality][idx], affine=affine, class_indices=idx,
+                          probabilities=(out.as_tensor() if hasattr(out, "as_tensor") else out).float() if keep_probabilities else None)

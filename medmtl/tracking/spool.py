@@ -195,12 +195,31 @@ def _batches(records: list[SpoolRecord]) -> list[tuple[str, list[SpoolRecord]]]:
     return out
 
 
+def _metric(key: str, value: float, ts: int, step: int, link: dict | None = None) -> Metric:
+    """A metric point; ``link`` may tie it to a logged model (``model_id``) and a run input (``dataset``)."""
+    link = link or {}
+    name, digest = link.get("dataset") or (None, None)
+    return Metric(key, float(value), int(ts), int(step), model_id=link.get("model_id"), dataset_name=name, dataset_digest=digest)
+
+
+def _dataset_input(d: dict):
+    """An MLflow ``DatasetInput`` from a spooled input record (see ``RunLogger.log_inputs``)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    ds = Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
+                 schema=d.get("schema"), profile=d.get("profile"))
+    return DatasetInput(dataset=ds, tags=[InputTag(key="mlflow.data.context", value=d["context"])])
+
+
 def _send(client, run_id: str, op: str, recs: list[SpoolRecord]) -> int:
     """One request for ``recs``; returns the number of metric points sent."""
     items = [it for r in recs for it in r.data.get("items", ())]
     if op == "metrics":
-        client.log_batch(run_id, metrics=[Metric(k, float(v), int(ts), int(s)) for k, v, ts, s in items])
+        client.log_batch(run_id, metrics=[_metric(*it) for it in items])
         return len(items)
+    if op == "inputs":
+        client.log_inputs(run_id, datasets=[_dataset_input(d) for d in items])
+        return 0
     if op == "params":
         client.log_batch(run_id, params=[Param(k, v) for k, v in items])
     elif op == "tags":
