@@ -74,9 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     res = run_training(load_config(args.config, args.overrides), out_dir=args.out, resume=args.resume)
     if not res.run_id:  # ranks other than 0 under torchrun
         return 0
-    print(f"run id: {res.run_id}")
-    for m, d in res.test_dice.items():
-        print(f"  {m.upper()}: " + "  ".join(f"{k} {v:.3f}" for k, v in d.items()))
+    print(res.summary())
     if res.unsent_spool:
         print(f"the tracking server did not take the end of run {res.run_id} (model, final status); it waits in "
               f"{res.unsent_spool}: run `medmtl sync {res.unsent_spool}` once the server is back", file=sys.stderr)
@@ -115,7 +113,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     uri, _ = resolve_tracking_uri(cfg.tracking.tracking_uri)
     v = register_run_model(tracking_uri=uri, run_id=args.run_id, name=args.name or cfg.tracking.registered_model)
-    print(f"registered {v.name} version {v.version} (alias challenger)")
+    print(f"registered {v.name} version {v.version} (alias challenger)\n{v.links.text()}")
     return 0
 
 
@@ -127,7 +125,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     uri, _ = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    decision = promote(tracking_uri=uri, name=args.name, version=args.version, gate=cfg.tracking.gate)
+    decision = promote(tracking_uri=uri, name=args.name, version=args.version, gate=cfg.tracking.gate,
+                       allow_validation_scores=args.allow_validation_scores)
     print(decision.summary())
     return 0 if decision.passed else 1
 
@@ -279,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registered model name")
     p.add_argument("version", help="model version number")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="config whose tracking.gate and tracking URI apply")
+    p.add_argument("--allow-validation-scores", action="store_true", help="accept a version scored on validation cases only (no test split)")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("predict", help="segment NIfTI images and DICOM series with a logged or registered model (start-up paid once)")

@@ -37,12 +37,10 @@ def run_demo(cfg: ExperimentConfig, *, workdir: str | Path = "demo_data", n_ct: 
     version = register_run_model(tracking_uri=result.tracking_uri, run_id=result.run_id, name=cfg.tracking.registered_model,
                                  model_uri=result.model_uri)
     echo("")
-    echo("held-out Dice per organ:")
-    for m, per_class in result.test_dice.items():
-        echo(f"  {m.upper()}: " + "  ".join(f"{k} {v:.3f}" for k, v in per_class.items()))
-    echo(f"run id:           {result.run_id}")
+    echo(result.summary().replace(result.links.text(), "").rstrip())
     echo(f"registered model: {version.name} version {version.version} (alias challenger)")
     echo(f"model URI:        models:/{version.name}@challenger")
     echo(f"open the UI:      {ui_command(result.tracking_uri)}")
+    echo(version.links.text())
     return {"run_id": result.run_id, "model_name": version.name, "version": version.version, "test_dice": result.test_dice,
-            "tracking_uri": result.tracking_uri}
+            "val_dice": result.val_dice, "tracking_uri": result.tracking_uri, "links": version.links}

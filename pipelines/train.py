@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medmtl.config import ExperimentConfig
@@ -11,6 +11,7 @@ from medmtl.data.checks import check_dataset
 from medmtl.data.loaders import load_split
 from medmtl.data.manifest import read_manifest
 from medmtl.data.plan import ensure_plan, load_plan, resolve_plan
+from medmtl.tracking.links import Links
 from medmtl.tracking.run import TrackedRun
 from medmtl.training.checkpoint import check_writable_dir, load_checkpoint
 from medmtl.training.distributed import init_distributed
@@ -20,13 +21,26 @@ from medmtl.training.trainer import Trainer
 
 @dataclass
 class TrainResult:
-    """Identifiers and held-out scores of a finished run."""
+    """Identifiers, final scores of ``best.pt`` and UI links of a finished run.
+
+    ``test_dice`` is empty without a test split; ``val_dice`` is ``best.pt`` on the validation cases.
+    """
 
     run_id: str
     tracking_uri: str
     model_uri: str | None
     test_dice: dict[str, dict[str, float]]
     unsent_spool: str | None = None  # the tracking server was down at the end: `medmtl sync` this folder
+    val_dice: dict[str, dict[str, float]] = field(default_factory=dict)
+    best_step: int = 0
+    links: Links = field(default_factory=Links)
+
+    def summary(self) -> str:
+        """Lines for the terminal: run id, Dice per organ (test, else validation, said so), the run's pages."""
+        dice, what = (self.test_dice, "test Dice") if self.test_dice else (self.val_dice, "validation Dice (no test set)")
+        lines = [f"run id: {self.run_id}", f"{what} of best.pt (step {self.best_step}):"]
+        lines += [f"  {m.upper()}: " + "  ".join(f"{k} {v:.3f}" for k, v in d.items()) for m, d in dice.items()]
+        return "\n".join(lines + [self.links.text()])
 
 
 def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progress: bool = True,
@@ -59,14 +73,18 @@ def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progres
         if state is not None:
             trainer.load_state_dict(state)
         summary = trainer.train()
-        # final scores on the test cases; without a test split, the last validation already is that evaluation
-        if any(split.test.values()):
-            test = trainer.validate(split.test)
-        else:
-            test = summary.validation if summary.validation is not None else trainer.validate()
-        model_uri = run.finish(trainer=trainer, summary=summary, test=test, plan=plan, split=split, data_dir=data_dir)
+        # the final model is best.pt: scored on the test cases (never seen in training or selection) when
+        # there are any; its validation scores chose it, so they are reported as validation Dice only
+        last_is_best = summary.best_step == summary.steps and summary.validation is not None
+        trainer.load_best()
+        validation = summary.validation if last_is_best else trainer.validate()
+        test = trainer.validate(split.test) if any(split.test.values()) else None
+        model_uri = run.finish(trainer=trainer, summary=summary, test=test, validation=validation, plan=plan, split=split,
+                               data_dir=data_dir)
     except BaseException:
         run.fail(sys.exc_info()[1])
         raise
-    return TrainResult(run_id=run.run_id or "", tracking_uri=run.tracking_uri, model_uri=model_uri, test_dice=test.mean_dice,
+    return TrainResult(run_id=run.run_id or "", tracking_uri=run.tracking_uri, model_uri=model_uri,
+                       test_dice=test.mean_dice if test is not None else {}, val_dice=validation.mean_dice,
+                       best_step=summary.best_step, links=run.links,
                        unsent_spool=str(run.unsent_spool) if run.unsent_spool else None)

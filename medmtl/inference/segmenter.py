@@ -76,6 +76,7 @@ class Prediction:
     class_indices: np.ndarray  # (X, Y, Z) class indices 0..n (0 = background)
     nonfinite_voxels: int = 0  # NaN/inf input voxels replaced by the modality's background value
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of preprocess, sliding_window, invert
+    probabilities: torch.Tensor | None = None  # (n+1, X, Y, Z) class probabilities, when asked for (validation loss)
 
 
 class Segmenter:
@@ -105,10 +106,12 @@ class Segmenter:
             predictor=lambda t: self.net(t, modality).float(), overlap=ev.sw_overlap, mode=ev.sw_mode,
         )
 
-    def predict(self, image: str | Path | torch.Tensor, modality: str, *, name: str | None = None) -> Prediction:
+    def predict(self, image: str | Path | torch.Tensor, modality: str, *, name: str | None = None,
+                keep_probabilities: bool = False) -> Prediction:
         """Segment one image (a NIfTI path, or a MetaTensor with its affine) of ``modality`` (``ct``/``mr``).
 
-        ``name`` is what errors call the input (default: the path). Raises
+        ``name`` is what errors call the input (default: the path); ``keep_probabilities`` also returns the
+        class probabilities on the input grid (the validation loss). Raises
         :class:`~medmtl.errors.InputError` for an image that is mostly NaN or inf.
         """
         given, modality = modality, parse_modality(modality)
@@ -141,4 +144,5 @@ class Segmenter:
             self.net.train(was_training)
         seconds = {"preprocess": t1 - t0, "sliding_window": t2 - t1, "invert": time.perf_counter() - t2}
         return Prediction(labels=self.values[modality][idx], affine=affine, class_indices=idx,
-                          nonfinite_voxels=int(d.get(NONFINITE_KEY, 0)), seconds=seconds)
+                          nonfinite_voxels=int(d.get(NONFINITE_KEY, 0)), seconds=seconds,
+                          probabilities=(out.as_tensor() if hasattr(out, "as_tensor") else out).float() if keep_probabilities else None)

@@ -62,10 +62,4 @@ class SoftSharing(SharingMechanism):
             out[depth] = self.cfg.depths[depth] * torch.stack(norms).pow(2).sum()
         return out
 
-    def log_values(self) -> dict[str, float]:
-        """Unweighted squared distance per depth (how far the columns have drifted apart)."""
-        with torch.no_grad():
-            return {
-                f"soft/{d}/sq_distance": float(torch.stack(torch._foreach_norm(torch._foreach_sub(a, b))).pow(2).sum())
-                for d, (a, b) in self._pairs.items()
-            }
+    # no log_values: the trainer logs each depth's penalty as penalty/soft/<depth> (= lambda_d x squared distance)

@@ -26,11 +26,11 @@ from typing import Any, Callable
 
 from mlflow.tracking import MlflowClient
 
-from medmtl.tracking.spool import Spool, send_records
 from medmtl.errors import TrackingError
+from medmtl.tracking.spool import LOGGED_MODEL, Spool, send_records
 from medmtl.tracking.store import redact_uri, tracking_error
 
-__all__ = ["RunLogger", "NullLogger", "last_logged_steps", "SPOOL_DIR_NAME", "terminate_run"]
+__all__ = ["RunLogger", "NullLogger", "last_logged_steps", "SPOOL_DIR_NAME", "terminate_run", "LOGGED_MODEL"]
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,16 @@ class RunLogger:
         self._sender.start()
 
     # ------------------------------------------------------------------ what the caller logs (fast)
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Buffer metric points in memory (microseconds; NaN and inf are kept, MLflow stores them)."""
+    def log_metrics(self, metrics: dict[str, float], step: int, *, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
+        """Buffer metric points in memory (microseconds; NaN and inf are kept, MLflow stores them).
+
+        ``model_id`` links the points to a logged model (its page lists them); ``dataset`` is the
+        ``(name, digest)`` of a run input (:meth:`log_inputs`) they were measured on.
+        """
         ts = int(time.time() * 1000)
-        rows = [[_clean(k), float(v), ts, int(step)] for k, v in metrics.items()]
+        link = {k: v for k, v in (("model_id", model_id), ("dataset", list(dataset) if dataset else None)) if v}
+        rows = [[_clean(k), float(v), ts, int(step)] + ([link] if link else []) for k, v in metrics.items()]
         with self._lock:
             self._points.extend(rows)
             full = len(self._points) >= self.flush_every
@@ -132,6 +138,11 @@ class RunLogger:
     def log_params(self, params: dict[str, Any]) -> None:
         """Params (values cut to MLflow's 6000 characters)."""
         self._append({"op": "params", "items": [[k, str(v)[:6000]] for k, v in params.items()]})
+
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """Run inputs: dicts with ``name``, ``digest``, ``source_type``, ``source``, ``profile`` and ``context``
+        (``training``, ``validation``, ``test``), shown as the run's datasets."""
+        self._append({"op": "inputs", "items": list(datasets)})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Tags."""
@@ -280,8 +291,8 @@ def last_logged_steps(tracking_uri: str, run_id: str, spool_root: str | Path | N
     if folder is not None and (folder / "records.jsonl").exists():
         for line in (folder / "records.jsonl").read_text().splitlines():
             rec = json.loads(line) if line.endswith("}") else {}
-            for k, _v, _ts, step in rec.get("items", ()) if rec.get("op") == "metrics" else ():
-                out[k] = max(out.get(k, -1), int(step))
+            for item in rec.get("items", ()) if rec.get("op") == "metrics" else ():
+                out[item[0]] = max(out.get(item[0], -1), int(item[3]))
     return out
 
 

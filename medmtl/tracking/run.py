@@ -1,5 +1,12 @@
 """Rank 0's MLflow side of one training run: opened (or resumed) before training, finished after it.
 
+A run explains itself in the UI: a name from config, sharing and weighting; a Markdown description
+(data counts, sharing, weighting, then the headline Dice and overlay links); MLflow's user, source and
+git tags; the splits as dataset inputs (digest = manifest hash); the ingest report as a table; the
+reviewer's params only (no ``tracking.*``, nothing switched off). Final scores are those of ``best.pt``:
+on the test split under ``test/`` when there is one, linked to the logged model and the test dataset;
+without one, no ``test/`` metric exists and the validation Dice of ``best.pt`` is linked instead.
+
 Other ranks get a run whose logger records nothing and whose :meth:`TrackedRun.finish` does nothing,
 so the training pipeline reads the same on every rank.
 """
@@ -7,6 +14,7 @@ so the training pipeline reads the same on every rank.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import subprocess
 from pathlib import Path
@@ -14,21 +22,26 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 import medmtl
-from medmtl.config import ExperimentConfig, config_to_yaml, flatten_config
+from medmtl.config import ExperimentConfig, config_to_yaml
 from medmtl.data.loaders import Split
 from medmtl.data.plan import Plan
 from medmtl.evaluation.evaluate import Evaluation
 from medmtl.inference.segmenter import Segmenter
-from medmtl.models.merge import merge_adapters
-from medmtl.tracking.logger import NullLogger, RunLogger, terminate_run, last_logged_steps
-from medmtl.tracking.plots import log_history_plots, log_overlays
 from medmtl.inference.pyfunc_model import stage_model
+from medmtl.models.merge import merge_adapters
+from medmtl.tracking.describe import (CONTEXTS, dataset_inputs, describe_run, dice_text, ingest_table, reviewer_params,
+                                      run_name, standard_tags)
+from medmtl.tracking.links import Links, logged_model_url, mark_model_training, run_url
+from medmtl.tracking.logger import LOGGED_MODEL, NullLogger, RunLogger, last_logged_steps, terminate_run
+from medmtl.tracking.plots import log_dice_bars, log_history_plots, log_overlays, log_validation_curves
 from medmtl.tracking.registry import EVAL_SET_TAG, eval_set_fingerprint
 from medmtl.tracking.store import apply_http_settings, ensure_experiment, resolve_tracking_uri
 from medmtl.tracking.system_metrics import start_system_metrics
 from medmtl.training.distributed import DistributedContext
 
-__all__ = ["TrackedRun", "run_tags", "ingest_summary", "code_version"]
+__all__ = ["TrackedRun", "run_tags", "ingest_summary", "code_version", "INGEST_TABLE"]
+
+INGEST_TABLE = "ingest/report.json"
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +76,7 @@ def run_tags(cfg: ExperimentConfig, data_dir: Path, plan_path: Path, ctx: Distri
         "medmtl.manifest_sha": _sha(data_dir / "manifest.jsonl"), "medmtl.plan_sha": _sha(plan_path),
         "medmtl.precision": cfg.train.precision, "medmtl.world_size": str(ctx.world_size),
         "medmtl.sharing": "+".join(m.kind for m in cfg.sharing) or "single_task", "medmtl.weighting": cfg.weighting.method,
-        EVAL_SET_TAG: eval_set_fingerprint(split.evaluation),
+        EVAL_SET_TAG: eval_set_fingerprint(split.evaluation), "medmtl.config": cfg.name,
     }
 
 
@@ -86,45 +99,67 @@ class TrackedRun:
         logged_steps: per metric key, the last step already stored (a resumed run skips those).
         spool_root: the folder holding ``<run_id>/`` (checkpoints and the metric spool).
         unsent_spool: after :meth:`finish`, the spool folder still holding records (``medmtl sync`` sends them).
+        links: UI pages of the run and, once logged, of its model.
     """
 
     def __init__(self, *, cfg: ExperimentConfig, logger, tracking_uri: str = "", logged_steps: dict[str, int] | None = None,
-                 spool_root: Path | None = None, sampler=None) -> None:
+                 spool_root: Path | None = None, sampler=None, experiment_id: str | None = None, ingest_line: str | None = None,
+                 manifest_sha: str = "") -> None:
         self.cfg, self.logger, self.tracking_uri = cfg, logger, tracking_uri
         self.run_id: str | None = getattr(logger, "run_id", None)
         self.logged_steps = logged_steps or {}
         self.spool_root = spool_root
         self.unsent_spool: Path | None = None  # set by finish() when records (model, final status) wait for the server
+        self.experiment_id = experiment_id
+        self.ingest_line = ingest_line
+        self.manifest_sha = manifest_sha
         self._sampler = sampler
+        self.links = Links(run=run_url(tracking_uri, experiment_id, self.run_id) if self.run_id and experiment_id else None)
 
     @classmethod
     def open(cls, cfg: ExperimentConfig, *, ctx: DistributedContext, data_dir: Path, split: Split, plan: Plan, plan_path: Path,
              out_dir: Path, resume_state: dict | None = None, resume_path: Path | None = None,
              tags: dict[str, str] | None = None) -> "TrackedRun":
-        """Create the run (params, config, plan, ingest summary) or reattach to the resumed one; ``tags`` are added to a new run."""
+        """Create the run (name, description, params, tags, dataset inputs, config, plan, ingest table) or reattach to the resumed one.
+
+        ``tags`` are added to a new run (a study's cell key, for instance).
+        """
         if not ctx.is_main:
             return cls(cfg=cfg, logger=NullLogger())
         apply_http_settings(cfg.tracking)  # bounded timeouts and retries for every MLflow request of this process
         uri, artifact_root = resolve_tracking_uri(cfg.tracking.tracking_uri)
         # creates the embedded store once, here, before the trainer and its loader workers exist
         experiment_id = ensure_experiment(cfg.tracking.experiment, uri, artifact_root)
+        from mlflow.tracking import MlflowClient
+
+        mark_model_training(MlflowClient(tracking_uri=uri), experiment_id)
         # the run's spool (records not yet on the server) lives beside its checkpoints: <out_dir>/<run_id>/mlflow_spool
         spool_root = resume_path.parent.parent if resume_path is not None else out_dir
-        common = dict(tracking_uri=uri, experiment_id=experiment_id, run_name=cfg.name, spool_root=spool_root, settings=cfg.tracking)
+        ingest = ingest_table(data_dir)
+        manifest_sha = _sha(data_dir / "manifest.jsonl")
+        common = dict(tracking_uri=uri, experiment_id=experiment_id, spool_root=spool_root, settings=cfg.tracking)
         if resume_state is not None:
-            logger = RunLogger(run_id=resume_state["run_id"], **common)
+            logger = RunLogger(run_id=resume_state["run_id"], run_name=cfg.name, **common)
             logged = last_logged_steps(uri, resume_state["run_id"], spool_root=spool_root)
         else:
-            logger = RunLogger(tags={**run_tags(cfg, data_dir, plan_path, ctx, split), **(tags or {})}, **common)
+            note = describe_run(cfg, split=split, ingest_summary=ingest[1] if ingest else None)
+            all_tags = {**standard_tags(), **run_tags(cfg, data_dir, plan_path, ctx, split), "mlflow.note.content": note, **(tags or {})}
+            logger = RunLogger(tags=all_tags, run_name=run_name(cfg), **common)
         try:
             if resume_state is None:
                 logged = {}
-                logger.log_params(flatten_config(cfg))
+                logger.log_params(reviewer_params(cfg))
+                logger.log_inputs(dataset_inputs(data_dir, split, manifest_sha))
                 logger.log_text(config_to_yaml(cfg), "config.yaml")
                 logger.log_dict(plan.to_dict(), "plan.json")
                 logger.log_dict(ingest_summary(split), "ingest_summary.json")
+                if ingest is not None:
+                    logger.log_dict(ingest[0], INGEST_TABLE)
+                    # MLflow's marker for table artifacts (what mlflow.log_table writes): the UI shows it as a table
+                    logger.set_tags({"mlflow.loggedArtifacts": json.dumps([{"path": INGEST_TABLE, "type": "table"}])})
             return cls(cfg=cfg, logger=logger, tracking_uri=uri, logged_steps=logged, spool_root=spool_root,
-                       sampler=start_system_metrics(logger, cfg.tracking))
+                       sampler=start_system_metrics(logger, cfg.tracking), experiment_id=experiment_id,
+                       ingest_line=ingest[1] if ingest else None, manifest_sha=manifest_sha)
         except BaseException:
             logger.end("FAILED")  # the run exists: never leave it RUNNING
             raise
@@ -134,20 +169,30 @@ class TrackedRun:
         """``<out_dir>/<run_id>`` on rank 0."""
         return self.spool_root / self.run_id if self.spool_root is not None and self.run_id else None
 
-    def finish(self, *, trainer, summary, test: Evaluation, plan: Plan, split: Split, data_dir: Path) -> str | None:
-        """Held-out Dice, plots, overlays and the deployable model; ends the run. Returns the model URI."""
+    def finish(self, *, trainer, summary, test: Evaluation | None, validation: Evaluation, plan: Plan, split: Split,
+               data_dir: Path) -> str | None:
+        """Final scores of ``best.pt``, plots, overlays, the deployable model and the description; ends the run.
+
+        ``test`` is ``best.pt`` on the test split (``None`` without one), ``validation`` on the validation
+        split. Returns the model URI.
+        """
         if self.run_id is None:
             return None
         cfg, logger = self.cfg, self.logger
-        logger.log_metrics(test.metrics(prefix="test/"), step=summary.steps)
-        logger.log_dict({"per_case": test.per_case, "mean_dice": test.mean_dice}, "evaluation/test_dice.json")
-        timing = {"train/seconds": summary.seconds, "train/skipped_steps": summary.skipped_steps}
+        final = test if test is not None else validation
+        context = "test" if test is not None else "validation"
+        timing = {"train/seconds": summary.seconds, "best_step": float(summary.best_step)}
         if summary.step_seconds == summary.step_seconds:  # NaN when a resumed run had no step left
             timing["train/step_seconds"] = summary.step_seconds
         logger.log_metrics(timing, step=summary.steps)
+        logger.log_dict({"set": context, "best_step": summary.best_step, "per_case": final.per_case, "mean_dice": final.mean_dice},
+                        f"evaluation/{context}_dice.json")
         log_history_plots(logger, summary.history)
-        log_overlays(logger, Segmenter(trainer.net, cfg, plan, device=trainer.device), split.evaluation, data_dir, cfg.data.labels,
-                     max_cases=cfg.tracking.overlay_cases)
+        log_validation_curves(logger, summary.val_history, best_step=summary.best_step)
+        log_dice_bars(logger, {"validation": validation.mean_dice, **({"test": test.mean_dice} if test is not None else {})})
+        overlays = log_overlays(logger, Segmenter(trainer.net, cfg, plan, device=trainer.device), split.evaluation, data_dir,
+                                cfg.data.labels, max_cases=cfg.tracking.overlay_cases, per_case=final.per_case,
+                                ct_window=(plan.ct.intensity.get("p00_5"), plan.ct.intensity.get("p99_5")))
         self._stop_sampler()
         if cfg.tracking.log_model:
             # the model goes through the spool like every other record, before the final status: a server
@@ -157,10 +202,31 @@ class TrackedRun:
             net, model_cfg = merge_adapters(trainer.net, cfg)
             logger.log_model(lambda folder: stage_model(folder, net=net, cfg_yaml=config_to_yaml(model_cfg),
                                                         plan=plan.to_dict(), class_names=names))
+        # the final scores are linked to the logged model (its page shows them): LOGGED_MODEL stands for the model id
+        # the spool gets when it has uploaded the model above (records are sent in order)
+        model_id = LOGGED_MODEL if cfg.tracking.log_model else None
+        dataset = (f"{Path(data_dir).name}-{CONTEXTS['test' if test is not None else 'val']}", self.manifest_sha)
+        if test is not None:
+            # the final scores: best.pt on cases never seen in training or selection, on the model's page too
+            logger.log_metrics(test.metrics(prefix="test/"), step=summary.steps, model_id=model_id, dataset=dataset)
+        elif model_id:
+            # no test set: the model's page shows best.pt's validation Dice (the points already on the run's curve)
+            logger.log_metrics(validation.metrics(prefix="val/"), step=summary.best_step, model_id=model_id, dataset=dataset)
+        scores_set = (f"test set ({_cases(split.test)})" if test is not None
+                      else f"validation set ({_cases(split.val)}; no test set)")
+        links = [(Path(p).stem, f"#/experiments/{self.experiment_id}/runs/{self.run_id}/artifacts/{p}") for p in overlays]
+        tags = {"mlflow.note.content": describe_run(cfg, split=split, ingest_summary=self.ingest_line, scores=final.mean_dice,
+                                                    scores_set=scores_set, best_step=summary.best_step, links=links),
+                "medmtl.best_step": str(summary.best_step), "medmtl.scores_set": "test" if test is not None else "validation (no test set)"}
+        tags.update({f"medmtl.dice.{m}": dice_text(d["mean"]) for m, d in final.mean_dice.items()})
+        logger.set_tags(tags)
         logger.end("FINISHED")
         if logger.unsent:
             self.unsent_spool = logger.spool.folder
-        return logger.model_uri
+        model_uri = logger.model_uri
+        if model_uri and model_uri.startswith("models:/"):
+            self.links.model = logged_model_url(self.tracking_uri, self.experiment_id, model_uri.rsplit("/", 1)[-1])
+        return model_uri
 
     def fail(self, err: BaseException | None) -> None:
         """End the run as KILLED (Ctrl-C) or FAILED; never raises over ``err`` (a full disk may fail the spool too)."""
@@ -177,3 +243,7 @@ class TrackedRun:
         if self._sampler is not None:
             self._sampler.stop()
             self._sampler = None
+
+
+def _cases(entries: dict[str, list]) -> str:
+    return ", ".join(f"{len({e.case_id for e in es})} {m.upper()}" for m, es in sorted(entries.items())) + " cases"

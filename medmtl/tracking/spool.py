@@ -37,7 +37,7 @@ from mlflow.exceptions import MlflowException
 from medmtl.atomic import atomic_write_bytes
 from medmtl.errors import InputError, TrackingError
 
-__all__ = ["Spool", "SpoolRecord", "send_records", "is_transient", "replay_spool", "SPOOL_META"]
+__all__ = ["Spool", "SpoolRecord", "send_records", "is_transient", "replay_spool", "SPOOL_META", "LOGGED_MODEL"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ SPOOL_META = "spool.json"
 _RECORDS = "records.jsonl"
 _OFFSET = "records.offset"
 _FILES = "files"
+_MODEL_URI = "model_uri.txt"  # the URI of the model this spool logged
+#: a metric point's ``model_id`` that stands for the model this spool uploads (its id is known only then)
+LOGGED_MODEL = "@spooled-model"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch request
 MAX_PARAMS_PER_BATCH = 100
 
@@ -70,7 +73,11 @@ class Spool:
         (self.folder / _FILES).mkdir(exist_ok=True)
         self.path = self.folder / _RECORDS
         self.run_id, self.tracking_uri = run_id, tracking_uri
-        self.model_uri: str | None = None  # set when a spooled model has been logged
+        # set when a spooled model has been logged; kept on disk so that metric points linked to it
+        # (LOGGED_MODEL) find its id in a later `medmtl sync` too
+        self.model_uri: str | None = None
+        if (self.folder / _MODEL_URI).is_file():
+            self.model_uri = (self.folder / _MODEL_URI).read_text().strip() or None
         meta = self.folder / SPOOL_META
         if meta.exists():
             old = json.loads(meta.read_text())
@@ -204,13 +211,40 @@ def _batches(records: list[SpoolRecord]) -> list[tuple[str, list[SpoolRecord]]]:
     return out
 
 
+def _metric(key: str, value: float, ts: int, step: int, link: dict | None = None, logged_model: str | None = None) -> Metric:
+    """A metric point; ``link`` may tie it to a logged model (``model_id``) and a run input (``dataset``).
+
+    ``model_id`` :data:`LOGGED_MODEL` means the model this spool uploaded (``logged_model``, its id); the link
+    is dropped when there is none.
+    """
+    link = link or {}
+    name, digest = link.get("dataset") or (None, None)
+    model_id = link.get("model_id")
+    if model_id == LOGGED_MODEL:
+        model_id = logged_model
+    return Metric(key, float(value), int(ts), int(step), model_id=model_id, dataset_name=name, dataset_digest=digest)
+
+
+def _dataset_input(d: dict):
+    """An MLflow ``DatasetInput`` from a spooled input record (see ``RunLogger.log_inputs``)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    ds = Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
+                 schema=d.get("schema"), profile=d.get("profile"))
+    return DatasetInput(dataset=ds, tags=[InputTag(key="mlflow.data.context", value=d["context"])])
+
+
 def _send(client, spool: Spool, op: str, recs: list[SpoolRecord]) -> int:
     """One request for ``recs`` (a model: its upload); returns the number of metric points sent."""
     run_id = spool.run_id
     items = [it for r in recs for it in r.data.get("items", ())]
     if op == "metrics":
-        client.log_batch(run_id, metrics=[Metric(k, float(v), int(ts), int(s)) for k, v, ts, s in items])
+        logged = spool.model_uri.rsplit("/", 1)[-1] if spool.model_uri and spool.model_uri.startswith("models:/") else None
+        client.log_batch(run_id, metrics=[_metric(*it, logged_model=logged) for it in items])
         return len(items)
+    if op == "inputs":
+        client.log_inputs(run_id, datasets=[_dataset_input(d) for d in items])
+        return 0
     if op == "params":
         client.log_batch(run_id, params=[Param(k, v) for k, v in items])
     elif op == "tags":
@@ -222,6 +256,7 @@ def _send(client, spool: Spool, op: str, recs: list[SpoolRecord]) -> int:
         from medmtl.inference.pyfunc_model import log_staged_model
 
         spool.model_uri = log_staged_model(Path(recs[0].data["src"]), run_id=run_id, tracking_uri=spool.tracking_uri)
+        atomic_write_bytes(spool.folder / _MODEL_URI, spool.model_uri.encode())
     elif op == "terminate":
         d = recs[0].data
         client.set_terminated(run_id, status=d["status"], end_time=d["end_time"])

@@ -66,8 +66,9 @@ class SystemMetricsSampler:
             finally:
                 m.clear_metrics()
         if values:
-            self.logger.log_metrics(values, step=self.samples)
+            # steps from 1: MLflow links a run's step-0 metrics to a model logged in it, and system load is no model score
             self.samples += 1
+            self.logger.log_metrics(values, step=self.samples)
         return values
 
     def stop(self) -> None:

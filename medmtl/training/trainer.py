@@ -20,7 +20,7 @@ from medmtl.data.loaders import Split, augment_device, build_training_stream
 from medmtl.data.plan import Plan
 from medmtl.evaluation.evaluate import Evaluation, evaluate_cases
 from medmtl.inference.segmenter import Segmenter
-from medmtl.training.checkpoint import capture_rng, restore_rng, save_checkpoint
+from medmtl.training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from medmtl.training.distributed import DistributedContext, check_in_sync
 from medmtl.training.parts import build_optimizer, build_training_parts
 from medmtl.training.precision import resolve_device
@@ -47,6 +47,8 @@ class TrainSummary:
     validation: Evaluation | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     step_seconds: float = math.nan  # median wall time of one step (batch + forward/backward + update) in this process
+    val_history: list[dict[str, float]] = field(default_factory=list)  # one row per validation: step, val/*
+    best_step: int = 0  # step of best.pt (the best validation score)
 
 
 class Trainer:
@@ -89,8 +91,10 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.best_score = -math.inf
+        self.best_step = 0
         self.history: list[dict[str, float]] = []
         self._saved: dict[str, int] = {}  # checkpoint name -> step it holds (for the disk-full message)
+        self.val_history: list[dict[str, float]] = []
 
     # ---------------------------------------------------------------------------------- state
     def _transform_chains(self) -> dict:
@@ -100,7 +104,8 @@ class Trainer:
         """Everything needed to resume exactly: weights, optimizer, schedule, weighting, scaler,
         sampler positions, random-number states, step, best score and the MLflow run id."""
         return {
-            "step": self.step, "skipped": self.skipped, "best_score": self.best_score, "run_id": self.run_id,
+            "step": self.step, "skipped": self.skipped, "best_score": self.best_score, "best_step": self.best_step, "run_id": self.run_id,
+            "val_history": self.val_history,
             "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "weighting": self.weighting.state_dict(),
             "scaler": self.precision.scaler.state_dict(), "stream": self.stream.state_dict(),
@@ -120,6 +125,8 @@ class Trainer:
         self.step, self.skipped, self.best_score = int(state["step"]), int(state["skipped"]), float(state["best_score"])
         self._saved.setdefault("last.pt", self.step)
         self.run_id = state.get("run_id") or self.run_id
+        self.best_step = int(state.get("best_step", 0))
+        self.val_history = [dict(row) for row in state.get("val_history", [])]  # the validation curves survive a resume
 
     def save(self, name: str) -> Path | None:
         """Write ``out_dir/name`` atomically (rank 0 only)."""
@@ -146,25 +153,36 @@ class Trainer:
     def _step_metrics(self, r: StepResult) -> dict[str, float]:
         m: dict[str, float] = {f"loss/{t}": v for t, v in r.losses.items()}
         m.update({f"penalty/{k}": v for k, v in r.penalties.items()})
-        m["grad_norm"] = r.grad_norm
-        m["lr"] = self.optimizer.param_groups[0]["lr"]
-        m["skipped_steps"] = float(self.skipped)
+        # optimizer/*: the clipped global norm is not GradNorm's G_i (gradnorm/*), so it is named apart
+        m["optimizer/grad_norm"] = r.grad_norm
+        m["optimizer/lr"] = self.optimizer.param_groups[0]["lr"]
+        m["optimizer/skipped_steps"] = float(self.skipped)
         m.update(self.weighting.log_values())
         m.update(self.net.sharing_log_values())
         return m
 
     # ----------------------------------------------------------------------------- validation
     def validate(self, entries: dict | None = None) -> Evaluation:
-        """Dice per class per modality on the validation cases, or on ``entries`` (original grids), sharded over ranks."""
+        """Dice per class and loss per modality on the validation cases, or on ``entries`` (original grids), sharded over ranks."""
         seg = Segmenter(self.net, self.cfg, self.plan, device=self.device)
         entries = self.split.val if entries is None else entries
         shard = {m: items[self.dist.rank :: self.dist.world_size] for m, items in entries.items()}
-        ev = evaluate_cases(seg, shard, self.data_dir, self.cfg.data.labels)
+        ev = evaluate_cases(seg, shard, self.data_dir, self.cfg.data.labels, loss=True)
         if self.dist.enabled:
             gathered: list = [None] * self.dist.world_size
             torch.distributed.all_gather_object(gathered, ev.per_case)
             ev = Evaluation.from_per_case([c for part in gathered for c in part], self.cfg.data.labels)
         return ev
+
+    def load_best(self) -> int:
+        """Put ``best.pt``'s weights into the net on every rank (rank 0 reads, the others receive); returns its step."""
+        path = self.out_dir / "best.pt"
+        if self.dist.is_main and path.exists():
+            self.net.load_state_dict(load_checkpoint(path)["net"])
+        if self.dist.enabled:
+            for t in self.net.state_dict().values():
+                torch.distributed.broadcast(t, src=0)
+        return self.best_step
 
     @staticmethod
     def score(ev: Evaluation) -> float:
@@ -207,8 +225,9 @@ class Trainer:
             if self.step % t.val_every == 0 or self.step == t.steps:
                 ev = self.validate()
                 self._log(ev.metrics(prefix="val/"), self.step)
+                self.val_history.append({"step": float(self.step), **ev.metrics(prefix="val/")})
                 if self.score(ev) > self.best_score:
-                    self.best_score = self.score(ev)
+                    self.best_score, self.best_step = self.score(ev), self.step
                     self.save("best.pt")
                 if self.on_validation is not None:
                     self.on_validation(self.step, ev)
@@ -225,4 +244,5 @@ class Trainer:
             steps=self.step, skipped_steps=self.skipped, seconds=time.perf_counter() - started,
             final_losses=last.losses if last else {}, validation=ev, history=self.history,
             step_seconds=float(np.median(step_times)) if step_times else math.nan,
+            val_history=self.val_history, best_step=self.best_step,
         )

@@ -20,8 +20,9 @@ def test_evaluate_logs_dice_hd95_overlays_and_compare_reproduces_delta_m(tiny_da
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-    mtl = run_training(load_config(tiny, [f"data.root={data_dir}"]), out_dir=tmp_path / "runs", progress=False)
-    stl = run_training(load_config(tiny, [f"data.root={data_dir}", "sharing=[]", "weighting={method: equal}"]), out_dir=tmp_path / "runs", progress=False)
+    split = [f"data.root={data_dir}", "data.val_fraction=0.34", "data.test_fraction=0.34"]  # `evaluate` scores the test cases
+    mtl = run_training(load_config(tiny, split), out_dir=tmp_path / "runs", progress=False)
+    stl = run_training(load_config(tiny, split + ["sharing=[]", "weighting={method: equal}"]), out_dir=tmp_path / "runs", progress=False)
     ev = run_evaluation(mtl.run_id, overlays=1)
     run_evaluation(stl.run_id, overlays=0)
     client = MlflowClient(tracking_uri=uri)

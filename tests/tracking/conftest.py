@@ -1,6 +1,6 @@
 """Fixtures for the tracking tests: one tiny trained run per session, one copied store per test, a real server.
 
-* ``trained``: the tiny config trained once on the shared ``tiny_dataset`` into an embedded SQLite store
+* ``trained``: the tiny config with a test split trained once on the shared ``tiny_dataset`` into an embedded SQLite store
   (artifacts beside it). Tests never write into it; they get a copy of its database (``store``), whose
   artifact URIs still point at the shared, read-only artifact folder.
 * ``empty_db``: a freshly migrated, empty SQLite database, made once and copied wherever a test needs a
@@ -39,7 +39,9 @@ def trained(tiny_dataset, tmp_path_factory, empty_db):
     root = tmp_path_factory.mktemp("trained")
     shutil.copyfile(empty_db, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    # one training, one validation and one test case per modality: the final scores are test scores
     cfg = load_config(TINY_CONFIG, [f"data.root={data_dir}", f"tracking.tracking_uri={uri}", "tracking.overlay_cases=1",
+                                    "data.val_fraction=0.34", "data.test_fraction=0.34",
                                     "tracking.system_metrics_interval_s=0.5"])
     res = run_training(cfg, out_dir=root / "runs", progress=False)
     return {"uri": uri, "db": root / "mlflow.db", "run_id": res.run_id, "model_uri": res.model_uri, "cfg": cfg,
