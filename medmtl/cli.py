@@ -173,7 +173,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     print(f"run id: {res.run_id}")
     print(f"trained {int(share['params/trainable'])} of {int(share['params/total'])} parameters "
           f"({100 * share['params/trainable_fraction']:.2f}%; {100 * share['params/trainable_fraction_of_two_columns']:.2f}% of two columns)")
-    for m, d in res.test_dice.items():
+    dice, what = (res.test_dice, "test Dice") if res.test_dice else (res.val_dice, "validation Dice (no test set)")
+    print(f"{what} of best.pt:")
+    for m, d in dice.items():
         print(f"  {m.upper()}: " + "  ".join(f"{k} {v:.3f}" for k, v in d.items()))
     if res.registered:
         print(f"registered {res.registered} (alias challenger), deltas merged into the {args.target.upper()} kernels")

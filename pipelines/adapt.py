@@ -26,7 +26,10 @@ from medmtl.training.trainer import Trainer
 
 @dataclass
 class AdaptResult:
-    """The adaptation run, its model (merged), the registered version if any, and held-out Dice."""
+    """The adaptation run, its model (merged), the registered version if any, and Dice of best.pt.
+
+    ``test_dice`` is empty without a test split; ``val_dice`` is on the validation cases (which chose best.pt).
+    """
 
     run_id: str
     tracking_uri: str
@@ -34,6 +37,7 @@ class AdaptResult:
     registered: str | None
     trainable: dict[str, float]
     test_dice: dict[str, dict[str, float]]
+    val_dice: dict[str, dict[str, float]]
 
 
 def run_adaptation(source: str, *, target: str = "mr", source_modality: str = "ct", data_root: str | None = None,
@@ -58,8 +62,13 @@ def run_adaptation(source: str, *, target: str = "mr", source_modality: str = "c
                              "medmtl.adapt": f"{source_modality}->{target}"})
         run.logger.log_metrics(share, step=0)
         summary = trainer.train()
-        test = trainer.validate(split.test) if any(split.test.values()) else (summary.validation or trainer.validate())
-        model_uri = run.finish(trainer=trainer, summary=summary, test=test, plan=plan, split=split, data_dir=data_dir)
+        # as in training: the model is best.pt, scored on the test cases when there are any (pipelines/train.py)
+        last_is_best = summary.best_step == summary.steps and summary.validation is not None
+        trainer.load_best()
+        validation = summary.validation if last_is_best else trainer.validate()
+        test = trainer.validate(split.test) if any(split.test.values()) else None
+        model_uri = run.finish(trainer=trainer, summary=summary, test=test, validation=validation, plan=plan, split=split,
+                               data_dir=data_dir)
     except BaseException:
         run.fail(sys.exc_info()[1])
         raise
@@ -69,4 +78,4 @@ def run_adaptation(source: str, *, target: str = "mr", source_modality: str = "c
                                      model_uri=model_uri)
         registered = f"models:/{version.name}/{version.version}"
     return AdaptResult(run_id=run.run_id or "", tracking_uri=run.tracking_uri, model_uri=model_uri, registered=registered,
-                       trainable=share, test_dice=test.mean_dice)
+                       trainable=share, test_dice=test.mean_dice if test is not None else {}, val_dice=validation.mean_dice)

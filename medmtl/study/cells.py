@@ -112,7 +112,13 @@ def expand_cells(spec: StudySpec, spec_path: str | Path, profile: str | None = N
         cfg_raw["weighting"] = copy.deepcopy(spec.weighting[weighting])
         cfg_raw = merge(cfg_raw, {"seed": int(seed), "name": f"{spec.name}.{variant}.{weighting}.{dataset}.{budget}.s{seed}",
                                   "data": {"root": str(dataset_root(spec, spec_path, dataset)), "label_budget": spec.budgets[budget]}})
-        cfg = validate_config(cfg_raw, f"{spec_path} cell variant={variant} weighting={weighting} dataset={dataset} budget={budget} seed={seed}")
+        where = f"{spec_path} cell variant={variant} weighting={weighting} dataset={dataset} budget={budget} seed={seed}"
+        cfg = validate_config(cfg_raw, where)
+        if cfg.data.test_fraction <= 0:
+            # a study compares final scores on cases never used for training or selection: validation scores would
+            # be the ones best.pt was picked on
+            raise ConfigError(f"{where}: data.test_fraction is {cfg.data.test_fraction}; a study needs a test split "
+                              "(set data.test_fraction > 0 in the base config or the overrides)")
         cells.append(Cell(key=cell_key(cfg, dataset), dataset=dataset, budget=budget, variant=variant, weighting=weighting,
                           seed=int(seed), cfg=cfg))
     keys = [c.key for c in cells]

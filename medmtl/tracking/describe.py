@@ -30,14 +30,24 @@ def _sharing(cfg: ExperimentConfig) -> str:
 
 def run_name(cfg: ExperimentConfig) -> str:
     """``<config>-<sharing>-<weighting>-<MLflow's random name>``: tells runs apart at a glance, unique as MLflow's names are."""
+    import os
+    import random
+
+    # MLflow's generator draws from the global `random` state, which training seeds: drawn as it is, two runs of
+    # one config would get the same name, and the draw would shift the seeded stream. Draw from fresh entropy
+    # and give the global state back untouched.
+    state = random.getstate()
     try:
+        random.seed(os.urandom(16))
         from mlflow.utils.name_utils import _generate_random_name
 
         suffix = _generate_random_name()
-    except ImportError:  # MLflow moved its name generator: a time stamp is unique enough
+    except ImportError:  # MLflow moved its name generator: a time stamp and random digits are unique enough
         import time
 
-        suffix = time.strftime("%Y%m%d-%H%M%S")
+        suffix = time.strftime("%Y%m%d-%H%M%S") + f"-{random.randrange(1000):03d}"
+    finally:
+        random.setstate(state)
     return f"{cfg.name}-{_sharing(cfg)}-{cfg.weighting.method}-{suffix}"
 
 

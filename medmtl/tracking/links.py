@@ -13,6 +13,8 @@ With the embedded SQLite store the UI is the one ``mlflow ui`` serves (``ui_comm
 
 from __future__ import annotations
 
+import logging
+
 import os
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -56,9 +58,15 @@ def model_version_url(tracking_uri: str, name: str, version: str) -> str:
 
 def mark_model_training(client, experiment_id: str) -> None:
     """Tag the experiment as model development, so its page shows runs and models rather than traces."""
-    exp = client.get_experiment(experiment_id)
-    if exp.tags.get(EXPERIMENT_KIND_TAG) != "custom_model_development":
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        exp = client.get_experiment(experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != "custom_model_development":
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    except MlflowException as err:  # a user who may log runs but not edit the experiment (403): cosmetic, go on
+        logging.getLogger(__name__).info("experiment %s not tagged for the model-training view: %s", experiment_id,
+                                         err.message.splitlines()[0] if err.message else err)
 
 
 @dataclass

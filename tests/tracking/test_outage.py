@@ -66,7 +66,7 @@ def test_training_goes_on_while_the_server_is_killed_and_restarted(server, tiny_
     class OutageLogger(RunLogger):
         """Kills the server at training step 3 and restarts it (in the background) at step 6."""
 
-        def log_metrics(self, metrics, step):
+        def log_metrics(self, metrics, step, **link):
             if "loss/ct" in metrics:
                 if step == 3 and not state["down"]:
                     server.kill()
@@ -76,7 +76,7 @@ def test_training_goes_on_while_the_server_is_killed_and_restarted(server, tiny_
                 if state["down"]:
                     during_outage.append(step)
             seen.extend((k, int(step), float(v)) for k, v in metrics.items() if not k.startswith("system/"))
-            super().log_metrics(metrics, step)
+            super().log_metrics(metrics, step, **link)
 
     monkeypatch.setattr(tracked_run, "RunLogger", OutageLogger)
     overrides = [f"data.root={data_dir}", f"tracking.tracking_uri={server.uri}", "tracking.experiment=outage",
@@ -155,17 +155,18 @@ def test_outage_over_the_end_of_a_run_is_completed_by_medmtl_sync(server, tiny_d
     data_dir, _ = tiny_dataset
 
     class EndOutageLogger(RunLogger):
-        """Kills the server when the held-out scores arrive, i.e. when the run starts to end."""
+        """Kills the server when the model is spooled, i.e. when the run starts to end."""
 
-        def log_metrics(self, metrics, step):
-            if any(k.startswith("test/") for k in metrics) and server.proc is not None and server.proc.poll() is None:
+        def log_model(self, stage):
+            if server.proc is not None and server.proc.poll() is None:
                 self.sync(timeout=30)  # everything of training is on the server; only the end will be missing
                 server.kill()
-            super().log_metrics(metrics, step)
+            super().log_model(stage)
 
     monkeypatch.setattr(tracked_run, "RunLogger", EndOutageLogger)
     overrides = [f"data.root={data_dir}", f"tracking.tracking_uri={server.uri}", "tracking.experiment=end-outage",
-                 "train.steps=4", "train.val_every=4", "tracking.overlay_cases=1", "tracking.system_metrics=false"]
+                 "train.steps=4", "train.val_every=4", "tracking.overlay_cases=1", "tracking.system_metrics=false",
+                 "data.val_fraction=0.34", "data.test_fraction=0.34"]
     overrides += [f"tracking.{k}={v}" for k, v in {**FAST_RETRY, "final_sync_timeout_s": 2.0}.items()]
     try:
         res = train_pipeline.run_training(load_config(TINY_CONFIG, overrides), out_dir=tmp_path / "runs", progress=False)
@@ -183,4 +184,6 @@ def test_outage_over_the_end_of_a_run_is_completed_by_medmtl_sync(server, tiny_d
     assert any(k.startswith("test/dice/") for k in run.data.metrics)
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{res.run_id}'")
     assert len(models) == 1 and models[0].status.name == "READY"
+    # the final scores, spooled before the model had an id, are linked to it once it is uploaded: its page shows them
+    assert {m.key for m in models[0].metrics or []} >= {k for k in run.data.metrics if k.startswith("test/dice/")}
     assert not (ckpt / "mlflow_spool").exists()
