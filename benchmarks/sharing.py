@@ -40,6 +40,7 @@ import yaml
 
 from medmtl.config import validate_config
 from medmtl.modality import MODALITIES
+from medmtl.models.two_column import TwoColumnNet
 from medmtl.training.parts import TrainingParts, build_training_parts
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -62,11 +62,7 @@ def run_adaptation(source: str, *, target: str = "mr", source_modality: str = "c
                              "medmtl.adapt": f"{source_modality}->{target}"})
         run.logger.log_metrics(share, step=0)
         summary = trainer.train()
-        # as in training: the model is best.pt, scored on the test cases when there are any (pipelines/train.py)
-        last_is_best = summary.best_step == summary.steps and summary.validation is not None
-        trainer.load_best()
-        validation = summary.validation if last_is_best else trainer.validate()
-        test = trainer.validate(split.test) if any(split.test.values()) else None
+        validation, test = trainer.final_scores(summary)  # the model is best.pt; test scores only from a test split
         model_uri = run.finish(trainer=trainer, summary=summary, test=test, validation=validation, plan=plan, split=split,
                                data_dir=data_dir)
     except BaseException:

@@ -73,12 +73,7 @@ def run_training(cfg: ExperimentConfig, *, out_dir: str | Path = "runs", progres
         if state is not None:
             trainer.load_state_dict(state)
         summary = trainer.train()
-        # the final model is best.pt: scored on the test cases (never seen in training or selection) when
-        # there are any; its validation scores chose it, so they are reported as validation Dice only
-        last_is_best = summary.best_step == summary.steps and summary.validation is not None
-        trainer.load_best()
-        validation = summary.validation if last_is_best else trainer.validate()
-        test = trainer.validate(split.test) if any(split.test.values()) else None
+        validation, test = trainer.final_scores(summary)  # the model is best.pt; test scores only from a test split
         model_uri = run.finish(trainer=trainer, summary=summary, test=test, validation=validation, plan=plan, split=split,
                                data_dir=data_dir)
     except BaseException:

@@ -103,16 +103,7 @@ def history_figures(history: list[dict[str, float]]) -> dict[str, object]:
 
 def log_history_plots(logger, history: list[dict[str, float]], artifact_dir: str = "plots") -> list[str]:
     """Log :func:`history_figures` as PNG artifacts; returns the artifact paths."""
-    plt = _plt()
-    paths = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, fig in history_figures(history).items():
-            p = Path(tmp) / f"{name}.png"
-            fig.savefig(p)
-            plt.close(fig)
-            logger.log_artifact(p, artifact_dir)
-            paths.append(f"{artifact_dir}/{p.name}")
-    return paths
+    return _save_all(logger, history_figures(history), artifact_dir)
 
 
 def _save_all(logger, figs: dict[str, object], artifact_dir: str) -> list[str]:

@@ -218,7 +218,7 @@ def check_gates(*, tracking_uri: str, name: str, version: str, gate, allow_valid
                              "validation Dice also chose best.pt, so it overstates the model. Retrain with data.test_fraction > 0, "
                              "or pass --allow-validation-scores to promote on validation Dice")
             return d
-        d.checks.append(f"scored on validation cases only (no test set): accepted by --allow-validation-scores")
+        d.checks.append("scored on validation cases only (no test set): accepted by --allow-validation-scores")
     for key, floor in sorted(_floors(gate, dice).items()):
         if key not in dice:
             d.reasons.append(f"Dice {key} required >= {floor:.3f}, but the version was not scored on it")

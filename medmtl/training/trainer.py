@@ -184,6 +184,19 @@ class Trainer:
                 torch.distributed.broadcast(t, src=0)
         return self.best_step
 
+    def final_scores(self, summary: "TrainSummary") -> tuple[Evaluation, Evaluation | None]:
+        """``(validation, test or None)`` of ``best.pt``, which is loaded into the net.
+
+        The test cases were never seen in training or selection; the validation scores chose ``best.pt``, so
+        they are only ever reported as validation Dice. A run whose last step is its best reuses that step's
+        validation instead of running it again.
+        """
+        last_is_best = summary.best_step == summary.steps and summary.validation is not None
+        self.load_best()
+        validation = summary.validation if last_is_best else self.validate()
+        test = self.validate(self.split.test) if any(self.split.test.values()) else None
+        return validation, test
+
     @staticmethod
     def score(ev: Evaluation) -> float:
         """Model-selection score: the mean over modalities of the mean Dice over classes."""
