@@ -37,6 +37,8 @@ CASES = [
     ("sync", ["sync", "{tmp}"], "spool"),
     ("adapt", ["adapt", "{tmp}/nothing/last.pt"], "last.pt"),
     ("demo", ["demo", TINY, "train.stepz=1", "--workdir", "{tmp}/demo"], "train.stepz"),
+    ("study", ["study", "{tmp}/no_study.yaml"], "no_study.yaml"),
+    ("sweep", ["sweep", "{tmp}/no_sweep.yaml"], "no_sweep.yaml"),
 ]
 
 

@@ -24,6 +24,8 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def _spec(tmp_path: Path, **extra) -> Path:
+    # a study scores cells on a test split: the tiny config has none, the study's overrides add it
+    extra["overrides"] = ["data.test_fraction=0.34", *extra.get("overrides", [])]
     raw = {"name": "u", "base": str(TINY), "datasets": {"a": {"root": "/data/a"}, "b": {"root": "/data/b"}},
            "variants": {"single_task": {"sharing": []}, "hard": {"sharing": [{"kind": "hard"}]},
                         "stitch": {"sharing": [{"kind": "cross_stitch", "depths": ["enc1"]}]}},
@@ -140,3 +142,13 @@ def test_label_budget_keeps_validation_and_test_cases(tiny_dataset):
     assert len(scarce.train["mr"]) == 2 and set(scarce.train["mr"]) < set(full.train["mr"])
     # reproducible for a seed, so every cell of a study with this budget trains on the same two cases
     assert split_cases(entries, val_fraction=0.2, test_fraction=0.3, seed=0, label_budget={"mr": 2}).train == scarce.train
+
+
+def test_a_study_without_a_test_split_is_refused(tmp_path):
+    """The scores of a cell are its test Dice: without a test split they would be the validation Dice that chose best.pt."""
+    path = _spec(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["overrides"] = []
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="data.test_fraction"):
+        expand_cells(load_study_spec(path), path)
