@@ -243,7 +243,16 @@ def _send(client, spool: Spool, op: str, recs: list[SpoolRecord]) -> int:
         client.log_batch(run_id, metrics=[_metric(*it, logged_model=logged) for it in items])
         return len(items)
     if op == "inputs":
-        client.log_inputs(run_id, datasets=[_dataset_input(d) for d in items])
+        datasets = [_dataset_input(d) for d in items]
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+        except MlflowException as err:
+            # a SQLite store and two runs logging the same dataset at once (a study's workers): both look for
+            # its row, both insert, the second insert fails although the row now exists; sent again, the
+            # store finds that row and only links it to this run
+            if "UNIQUE constraint failed: datasets" not in str(err):
+                raise
+            client.log_inputs(run_id, datasets=datasets)
         return 0
     if op == "params":
         client.log_batch(run_id, params=[Param(k, v) for k, v in items])

@@ -101,3 +101,48 @@ def test_resumed_run_counts_spooled_points_as_logged(tmp_path, empty_db):
 
 def test_prepare_store_ignores_servers():
     prepare_store("http://127.0.0.1:1")  # nothing to create client-side; must not try to connect
+
+
+def test_dataset_input_raced_by_another_run_is_linked_not_dropped(tmp_path, empty_db):
+    """Two runs logging the same dataset at once on a SQLite store (a study's workers): the second insert of the
+    dataset row fails with UNIQUE although the row exists by then. The record is sent again and linked, not dropped.
+
+    The race itself is inside MLflow's store; here the other worker logs the dataset first and the first
+    request answers what the store answered in a two-worker study on this machine.
+    """
+    from mlflow.exceptions import MlflowException
+
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_db, db)
+    uri = f"sqlite:///{db}"
+    real = MlflowClient(tracking_uri=uri)
+    mine, other = real.create_run("0").info.run_id, real.create_run("0").info.run_id
+    record = {"name": "data-training", "digest": "19efdfa9be531e77", "source_type": "local", "source": '{"uri": "/data"}',
+              "profile": '{"split": "training"}', "context": "training"}
+
+    class RacedClient:
+        """The real client; its first log_inputs loses the race to the other run."""
+
+        def __init__(self):
+            self.calls = 0
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            if self.calls == 1:
+                real.log_inputs(other, datasets=datasets)  # the other worker's insert wins
+                raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                      "datasets.name, datasets.digest")
+            return real.log_inputs(run_id, datasets=datasets)
+
+    spool = Spool(tmp_path / "spool", run_id=mine, tracking_uri=uri)
+    spool.append([{"op": "inputs", "items": [record]}], durable=True)
+    client = RacedClient()
+    ok, _ = send_records(spool, client)
+    assert ok and client.calls == 2
+    for run_id in (mine, other):  # one dataset row, linked to both runs
+        inputs = real.get_run(run_id).inputs.dataset_inputs
+        assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("data-training", "19efdfa9be531e77")]
+    spool.close()
