@@ -86,6 +86,9 @@ def _gloo_rank(rank: int, world: int, init_file: str, out: str) -> None:
         _steps(torch.device("cpu"), ctx)
         check_in_sync({"x": torch.ones(3)}, ctx, "probe tensors")
         Path(out).with_suffix(f".{rank}.json").write_text(json.dumps({"ctx_device": str(ctx.device), "calls": calls}))
+        # both ranks past their last collective before either tears the group down: a gloo group destroyed
+        # while the peer still talks to it aborts the process ("terminate called without an active exception")
+        dist.barrier()
     finally:
         mp_.undo()
         if dist.is_initialized():
