@@ -14,12 +14,12 @@ With the embedded SQLite store the UI is the one ``mlflow ui`` serves (``ui_comm
 from __future__ import annotations
 
 import logging
-
 import os
 from dataclasses import dataclass
 from urllib.parse import quote
 
-__all__ = ["WORKFLOW_PARAM", "ui_base_url", "run_url", "logged_model_url", "model_version_url", "mark_model_training", "Links"]
+__all__ = ["WORKFLOW_PARAM", "ui_base_url", "run_url", "logged_model_url", "model_version_url", "mark_model_training", "Links",
+           "logged_model_id"]
 
 WORKFLOW_PARAM = "workflowType=machine_learning"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -67,6 +67,15 @@ def mark_model_training(client, experiment_id: str) -> None:
     except MlflowException as err:  # a user who may log runs but not edit the experiment (403): cosmetic, go on
         logging.getLogger(__name__).info("experiment %s not tagged for the model-training view: %s", experiment_id,
                                          err.message.splitlines()[0] if err.message else err)
+
+
+def logged_model_id(uri: str | None) -> str | None:
+    """The id in a logged model's URI ``models:/<model_id>``; ``None`` for any other URI (a registered
+    ``models:/<name>/<version>`` or ``models:/<name>@<alias>``, ``runs:/...``)."""
+    if not uri or not uri.startswith("models:/"):
+        return None
+    rest = uri[len("models:/"):]
+    return rest if rest and "/" not in rest and "@" not in rest else None
 
 
 @dataclass

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from medmtl.errors import ModelError
 from medmtl.modality import MODALITIES
 from medmtl.tracking.describe import dice_line
-from medmtl.tracking.links import Links, logged_model_url, model_version_url, run_url
+from medmtl.tracking.links import Links, logged_model_id, logged_model_url, model_version_url, run_url
 from medmtl.tracking.store import get_run, using_tracking_uri
 
 __all__ = ["RegisteredVersion", "GateDecision", "register_run_model", "check_gates", "promote", "CHALLENGER", "CHAMPION",
@@ -120,7 +120,7 @@ def register_run_model(*, tracking_uri: str, run_id: str, name: str, model_uri: 
     """
     client = MlflowClient(tracking_uri=tracking_uri)
     run = get_run(client, run_id)
-    model_id = model_uri.split("/", 1)[1] if model_uri and model_uri.startswith("models:/") and "@" not in model_uri else None
+    model_id = logged_model_id(model_uri)
     if model_uri is None:
         models = client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
         if not models:

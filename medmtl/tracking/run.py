@@ -31,7 +31,7 @@ from medmtl.inference.pyfunc_model import stage_model
 from medmtl.models.merge import merge_adapters
 from medmtl.tracking.describe import (CONTEXTS, dataset_inputs, describe_run, dice_text, ingest_table, reviewer_params,
                                       run_name, standard_tags)
-from medmtl.tracking.links import Links, logged_model_url, mark_model_training, run_url
+from medmtl.tracking.links import Links, logged_model_id, logged_model_url, mark_model_training, run_url
 from medmtl.tracking.logger import LOGGED_MODEL, NullLogger, RunLogger, last_logged_steps, terminate_run
 from medmtl.tracking.plots import log_dice_bars, log_history_plots, log_overlays, log_validation_curves
 from medmtl.tracking.registry import EVAL_SET_TAG, eval_set_fingerprint
@@ -224,8 +224,9 @@ class TrackedRun:
         if logger.unsent:
             self.unsent_spool = logger.spool.folder
         model_uri = logger.model_uri
-        if model_uri and model_uri.startswith("models:/"):
-            self.links.model = logged_model_url(self.tracking_uri, self.experiment_id, model_uri.rsplit("/", 1)[-1])
+        model_id = logged_model_id(model_uri)
+        if model_id:
+            self.links.model = logged_model_url(self.tracking_uri, self.experiment_id, model_id)
         return model_uri
 
     def fail(self, err: BaseException | None) -> None:

@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 
 from medmtl.atomic import atomic_write_bytes
 from medmtl.errors import InputError, TrackingError
+from medmtl.tracking.links import logged_model_id
 
 __all__ = ["Spool", "SpoolRecord", "send_records", "is_transient", "replay_spool", "SPOOL_META", "LOGGED_MODEL"]
 
@@ -239,7 +240,7 @@ def _send(client, spool: Spool, op: str, recs: list[SpoolRecord]) -> int:
     run_id = spool.run_id
     items = [it for r in recs for it in r.data.get("items", ())]
     if op == "metrics":
-        logged = spool.model_uri.rsplit("/", 1)[-1] if spool.model_uri and spool.model_uri.startswith("models:/") else None
+        logged = logged_model_id(spool.model_uri)
         client.log_batch(run_id, metrics=[_metric(*it, logged_model=logged) for it in items])
         return len(items)
     if op == "inputs":
